@@ -1,0 +1,73 @@
+"""The project's shape: dependencies agree, README is the index notebook, modules are what the notebooks export."""
+import configparser, filecmp, json, shutil, subprocess, sys
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def settings(root):
+    cfg = configparser.ConfigParser(delimiters=["="]); cfg.read(root/"settings.ini")
+    return cfg["DEFAULT"]
+
+
+def env_pip_list(root):
+    "The pip entries of environment.yml (a plain reader: the file is a flat list under `- pip:`)."
+    lines, out, inside = (root/"environment.yml").read_text().splitlines(), [], False
+    for line in lines:
+        s = line.strip()
+        if s == "- pip:": inside = True; continue
+        if inside and s.startswith("- "): out.append(s[2:].strip())
+        elif inside and s and not s.startswith("#"): inside = False
+    return out
+
+
+def test_environment_yml_agrees_with_settings(root):
+    cfg = settings(root)
+    want = cfg["requirements"].split() + cfg["dev_requirements"].split()
+    have = env_pip_list(root)
+    assert '-e ".[dev]"' in have, "environment.yml must install the project itself"
+    assert sorted(h for h in have if not h.startswith("-e")) == sorted(want)
+
+
+def test_torch_requirements_are_ranges(root):
+    reqs = settings(root)["requirements"].split()
+    for name in ("torch", "torchvision"):
+        spec = next(r for r in reqs if r.split(">")[0].split("<")[0].split("=")[0] == name)
+        assert ">=" in spec and "<" in spec and "==" not in spec, spec
+
+
+def test_readme_is_rendered_from_index(root):
+    out = subprocess.run([str(BIN/"jupyter"), "nbconvert", "--to", "markdown", "--stdout", str(root/"nbs/index.ipynb")],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == (root/"README.md").read_text().strip(), "README.md is stale: run `make readme`"
+
+
+def test_exported_modules_match_notebooks(root, tmp_path):
+    for name in ("nbs", "stmn"): shutil.copytree(root/name, tmp_path/name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(root/"settings.ini", tmp_path)
+    subprocess.run([str(BIN/"nbdev_export")], cwd=tmp_path, check=True, capture_output=True)
+    mods = sorted(p.name for p in (root/"stmn").glob("*.py"))
+    _, mismatch, errors = filecmp.cmpfiles(root/"stmn", tmp_path/"stmn", mods, shallow=False)
+    assert not mismatch and not errors, f"stmn/ differs from what the notebooks export: {mismatch + errors}; run nbdev_export"
+    assert sorted(p.name for p in (tmp_path/"stmn").glob("*.py")) == mods
+
+
+def test_notebooks_name_the_project_kernel(root):
+    for nb in sorted((root/"nbs").glob("*.ipynb")):
+        assert json.loads(nb.read_text())["metadata"]["kernelspec"]["name"] == "stmn", nb.name
+
+
+def test_train_notebook_parameters_cell(root):
+    nb = json.loads((root/"nbs/train.ipynb").read_text())
+    cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(cells) == 1
+    src = "".join(cells[0]["source"])
+    assert "#| export" not in src and "import" not in src
+    help_ = subprocess.run([str(BIN/"papermill"), "--help-notebook", str(root/"nbs/train.ipynb")], capture_output=True, text=True).stdout
+    for name in ("M", "N", "alpha", "L", "dataset", "data_root", "epochs", "P", "K", "lr", "seed", "height", "width",
+                 "backbone", "pretrained", "device", "out_dir"):
+        assert f"\n  {name}: " in help_, f"papermill --help-notebook does not list {name}"
+
+
+def test_ci_calls_the_readme_test_command(root):
+    assert "make test" in (root/".ci/run").read_text() and "make test" in (root/"README.md").read_text()
