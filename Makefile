@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stmn-installed
 OUT    ?= runs/train
 
-.PHONY: setup kernel train test export clean-nbs readme
+.PHONY: setup kernel train test compare export clean-nbs readme
 
 setup: $(STAMP) kernel
 
@@ -39,3 +39,8 @@ clean-nbs: $(STAMP)
 
 readme: $(STAMP)
 	$(BIN)/jupyter nbconvert --to markdown nbs/index.ipynb --output-dir . --output README --log-level WARN
+
+# STMN against the baseline over 3 seeds on the synthetic dataset (about 30 minutes on 2 CPU cores).
+compare: setup
+	mkdir -p runs
+	$(BIN)/papermill nbs/compare.ipynb runs/compare.ipynb --log-output --no-progress-bar
