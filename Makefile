@@ -40,7 +40,7 @@ clean-nbs: $(STAMP)
 readme: $(STAMP)
 	$(BIN)/jupyter nbconvert --to markdown nbs/index.ipynb --output-dir . --output README --log-level WARN
 
-# STMN against the baseline over 3 seeds on the synthetic dataset (about 30 minutes on 2 CPU cores).
+# STMN against the baseline over 3 seeds on the synthetic dataset (about 40 minutes on 2 CPU cores).
 compare: setup
 	mkdir -p runs
 	$(BIN)/papermill nbs/compare.ipynb runs/compare.ipynb --log-output --no-progress-bar

@@ -15,8 +15,8 @@ from .model import STMN, STMNConfig
 from .losses import stmn_loss
 
 # %% auto #0
-__all__ = ['RECIPES', 'MODEL_KINDS', 'ARCH_KEYS', 'resolve_params', 'validate_params', 'atomic_write', 'save_json', 'build_model',
-           'Learner', 'environment_info', 'plot_history']
+__all__ = ['RECIPES', 'MODEL_KINDS', 'MEMORY_PREFIXES', 'ARCH_KEYS', 'resolve_params', 'validate_params', 'atomic_write',
+           'save_json', 'build_model', 'param_groups', 'Learner', 'environment_info', 'plot_history']
 
 # %% ../nbs/08_learner.ipynb #51001c2a
 RECIPES = {
@@ -37,11 +37,13 @@ def validate_params(p: dict, n_train_ids: int | None = None):
     "Raise ValueError naming the first invalid training parameter in `p`."
     def need(ok, name, what):
         if not ok: raise ValueError(f"{name}={p.get(name)!r}: expected {what}")
+    def num(k, default=None): v = p.get(k, default); return v if isinstance(v, (int, float)) and not isinstance(v, bool) else float("nan")
     for k in ("M", "N", "L", "P", "K", "epochs", "lr_step", "height", "width"):
-        need(isinstance(p.get(k), int) and p[k] >= 1, k, "an integer >= 1")
-    need(p["alpha"] >= 0, "alpha", "a margin >= 0")
-    need(p["lr"] > 0, "lr", "a learning rate > 0")
-    need(p["weight_decay"] >= 0, "weight_decay", "a value >= 0")
+        need(isinstance(p.get(k), int) and not isinstance(p[k], bool) and p[k] >= 1, k, "an integer >= 1")
+    need(num("alpha") >= 0, "alpha", "a margin >= 0")
+    need(num("lr") > 0, "lr", "a learning rate > 0")
+    need(num("memory_lr_mult", 1.) > 0, "memory_lr_mult", "a learning-rate multiplier > 0")
+    need(num("weight_decay") >= 0, "weight_decay", "a value >= 0")
     need(p["model"] in MODEL_KINDS, "model", f"one of {MODEL_KINDS}")
     need(p["test_sampling"] in SAMPLING_MODES, "test_sampling", f"one of {SAMPLING_MODES}")
     need(p.get("workers", 0) >= 0, "workers", "an integer >= 0")
@@ -73,9 +75,19 @@ def build_model(p: dict, num_classes: int) -> STMN:
                            alpha=p["alpha"], spatial_memory=stmn and p.get("spatial_memory", True),
                            temporal_memory=stmn and p.get("temporal_memory", True), spread_loss=stmn and p.get("spread_loss", True)))
 
-# %% ../nbs/08_learner.ipynb #b13949bc
+# %% ../nbs/08_learner.ipynb #8a676c10
+MEMORY_PREFIXES = ("spatial_memory.", "temporal_memory.")
+
+def param_groups(model, lr: float, memory_lr_mult: float = 1.) -> list[dict]:
+    "Adam parameter groups: trainable non-memory parameters at `lr`, memory parameters at `lr × memory_lr_mult`."
+    named = [(n, w) for n, w in model.named_parameters() if w.requires_grad]
+    mem = [w for n, w in named if n.startswith(MEMORY_PREFIXES)]
+    groups = [dict(params=[w for n, w in named if not n.startswith(MEMORY_PREFIXES)], lr=lr)]
+    return groups + ([dict(params=mem, lr=lr * memory_lr_mult)] if mem else [])
+
+# %% ../nbs/08_learner.ipynb #f1e65195
 ARCH_KEYS = ("dataset", "model", "backbone", "M", "N", "L", "alpha", "P", "K", "lr", "weight_decay", "lr_step", "seed",
-             "height", "width", "spatial_memory", "temporal_memory", "spread_loss")
+             "height", "width", "spatial_memory", "temporal_memory", "spread_loss", "memory_lr_mult")
 
 class Learner:
     "Train `model` on `tracklets` with parameters `p`; checkpoint to `out_dir/checkpoint.pt` each epoch."
@@ -83,13 +95,13 @@ class Learner:
         self.model, self.p, self.out_dir, self.device = model.to(device), p, Path(out_dir), torch.device(device)
         self.data = TrainClips(tracklets, p["L"], p["height"], p["width"])
         self.sampler = PKSampler([t.pid for t in tracklets], p["P"], p["K"], seed=p["seed"])
-        self.opt = torch.optim.Adam([w for w in model.parameters() if w.requires_grad], lr=p["lr"], weight_decay=p["weight_decay"])
+        self.opt = torch.optim.Adam(param_groups(model, p["lr"], p.get("memory_lr_mult", 1.)), lr=p["lr"], weight_decay=p["weight_decay"])
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=p["lr_step"], gamma=.1)
         self.epoch, self.history = 0, []
     @property
     def checkpoint_path(self) -> Path: return self.out_dir/"checkpoint.pt"
 
-# %% ../nbs/08_learner.ipynb #8a676c10
+# %% ../nbs/08_learner.ipynb #bf5f4948
 def _save(self, path=None) -> Path:
     "Atomically write model, optimizer, scheduler, epoch, history and parameters."
     state = dict(model=self.model.state_dict(), opt=self.opt.state_dict(), sched=self.sched.state_dict(), epoch=self.epoch,
@@ -109,7 +121,7 @@ def _load(self, path):
 
 Learner.save, Learner.load = _save, _load
 
-# %% ../nbs/08_learner.ipynb #1a59ae00
+# %% ../nbs/08_learner.ipynb #d4ed4544
 def _fit(self, epochs: int, resume: str = "auto", progress: bool = True) -> list:
     "Train until `epochs`; `resume`: 'auto' (out_dir's checkpoint if any), a path, or '' (fresh). Returns the history."
     ckpt = self.checkpoint_path if resume == "auto" else (Path(resume) if resume else None)
@@ -121,7 +133,7 @@ def _fit(self, epochs: int, resume: str = "auto", progress: bool = True) -> list
         loader = torch.utils.data.DataLoader(self.data, batch_sampler=self.sampler, num_workers=self.p.get("workers", 0))
         for clips, labels, _ in loader:
             out = self.model(clips.to(self.device, non_blocking=True))
-            loss, parts = stmn_loss(out, labels.to(self.device), self.p["alpha"], self.model.cfg.spread_loss)
+            loss, parts = stmn_loss(out, labels.to(self.device), self.p["alpha"], self.model.cfg.spread_loss, self.model.cfg.spread_chunks)
             self.opt.zero_grad(set_to_none=True); loss.backward(); self.opt.step()
             for k, v in parts.items(): sums[k] += v
             sums["loss"] += loss.detach(); bar.update(1)
@@ -134,7 +146,7 @@ def _fit(self, epochs: int, resume: str = "auto", progress: bool = True) -> list
 
 Learner.fit = _fit
 
-# %% ../nbs/08_learner.ipynb #73f13f1b
+# %% ../nbs/08_learner.ipynb #c16d7052
 def environment_info(device) -> dict:
     "Versions and device, for every results file."
     import torchvision, scipy, stmn
