@@ -5,7 +5,7 @@
 # %% ../nbs/00_data.ipynb #cc188fe9
 from __future__ import annotations
 import os, re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import scipy.io

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 import torchvision
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.resnet import Bottleneck
 
 # %% auto #0
 __all__ = ['BACKBONES', 'load_backbone', 'stride1_head', 'NoFinalReLU', 'query_head', 'STMNEncoder']

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_model.ipynb #33076405
 from __future__ import annotations
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 import torch
 from torch import nn
 from .encoder import STMNEncoder
@@ -64,7 +64,6 @@ class STMN(nn.Module):
         self.fc_s, self.fc_t = classifier(self.dim, num_classes), classifier(self.dim, num_classes)
 
 # %% ../nbs/06_model.ipynb #7b2a698a
-@torch.no_grad()
 def _check_clip(x: torch.Tensor, L: int):
     if x.ndim != 5 or x.shape[2] != 3: raise ValueError(f"expected clips [B, L, 3, H, W], got shape {tuple(x.shape)}")
     if x.shape[1] != L: raise ValueError(f"model built for L={L} frames per clip, got {x.shape[1]}")

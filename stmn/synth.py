@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 from PIL import Image
-from .data import read_mars, DatasetLayoutError
+from .data import DatasetLayoutError
 
 # %% auto #0
 __all__ = ['SynthConfig', 'make_scene', 'render_scene', 'make_palette', 'make_person', 'draw_person', 'render_frame',
