@@ -86,13 +86,13 @@ def evaluate_model(model, dataset, L: int, height: int, width: int, mode: str = 
     res = evaluate(cosine_distance(q, g), [t.pid for t in dataset.query], [t.pid for t in dataset.gallery],
                    [t.camid for t in dataset.query], [t.camid for t in dataset.gallery], ap=ap)
     out = {f"rank{k}": float(res["cmc"][k - 1]) for k in (1, 5, 10, 20)}
-    out.update(mAP=res["mAP"], mINP=res["mINP"], dataset=dataset.name, protocol=dataset.protocol, sampling=mode, ap=ap,
+    out.update(mAP=res["mAP"], mINP=res["mINP"], dataset=dataset.name, protocol=dataset.protocol, split=getattr(dataset, "split", "official"), sampling=mode, ap=ap,
                n_query=len(dataset.query), n_gallery=len(dataset.gallery), n_valid=res["n_valid"], n_skipped=res["n_skipped"])
     return out
 
 def format_result(r: dict) -> str:
     "One line: the numbers and exactly how they were obtained."
-    return (f"{r['dataset']} | protocol {r['protocol']} | sampling {r['sampling']} | AP {r['ap']} | "
+    return (f"{r['dataset']} | protocol {r['protocol']} | split {r.get('split', 'official')} | sampling {r['sampling']} | AP {r['ap']} | "
             f"{r['n_query']} queries ({r['n_valid']} with a match, {r['n_skipped']} skipped) × {r['n_gallery']} gallery | "
             f"rank-1 {100*r['rank1']:.1f}  rank-5 {100*r['rank5']:.1f}  rank-10 {100*r['rank10']:.1f}  "
             f"rank-20 {100*r['rank20']:.1f}  mAP {100*r['mAP']:.1f}  mINP {100*r['mINP']:.1f}")

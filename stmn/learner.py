@@ -13,15 +13,18 @@ from tqdm import tqdm
 from .sampling import PKSampler, TrainClips, SAMPLING_MODES
 from .model import STMN, STMNConfig
 from .losses import stmn_loss
+from .data import DATASETS, PROTOCOLS, VERIFY_MODES
 
 # %% auto #0
-__all__ = ['RECIPES', 'MODEL_KINDS', 'MEMORY_PREFIXES', 'ARCH_KEYS', 'resolve_params', 'validate_params', 'atomic_write',
-           'save_json', 'build_model', 'param_groups', 'Learner', 'environment_info', 'plot_history']
+__all__ = ['PAPER_RECIPE', 'RECIPES', 'MODEL_KINDS', 'MEMORY_PREFIXES', 'ARCH_KEYS', 'resolve_params', 'validate_params',
+           'atomic_write', 'save_json', 'build_model', 'param_groups', 'Learner', 'environment_info', 'plot_history']
 
 # %% ../nbs/08_learner.ipynb #51001c2a
+PAPER_RECIPE = dict(backbone="resnet50", pretrained=True, height=256, width=128, P=8, K=4, L=6,   # paper §4.1
+                    lr=1e-4, weight_decay=1e-5, epochs=200, lr_step=50, test_sampling="all")
 RECIPES = {
-    "mars":  dict(backbone="resnet50", pretrained=True, height=256, width=128, P=8, K=4, L=6,   # paper §4.1
-                  lr=1e-4, weight_decay=1e-5, epochs=200, lr_step=50, test_sampling="all"),
+    **{name: PAPER_RECIPE for name in ("mars", "dukev", "lsvid")},        # the paper trains all three alike
+    **{name: PAPER_RECIPE for name in ("ilidsvid", "prid2011")},          # not in the paper: its recipe, unchanged
     "synth": dict(backbone="resnet18", pretrained=False, height=64, width=32, P=8, K=2, L=6,    # this project's demo
                   lr=3e-4, weight_decay=1e-5, epochs=25, lr_step=20, test_sampling="all"),
 }
@@ -47,6 +50,12 @@ def validate_params(p: dict, n_train_ids: int | None = None):
     need(p["model"] in MODEL_KINDS, "model", f"one of {MODEL_KINDS}")
     need(p["test_sampling"] in SAMPLING_MODES, "test_sampling", f"one of {SAMPLING_MODES}")
     need(p.get("workers", 0) >= 0, "workers", "an integer >= 0")
+    need(p.get("protocol") in (None, "", *PROTOCOLS[p["dataset"]]), "protocol", f"'' (the dataset's default) or one of {PROTOCOLS[p['dataset']]}")
+    splits = range(10) if p["dataset"] in ("ilidsvid", "prid2011") else (0, 1)
+    need(p.get("split") is None or p["split"] in splits, "split", f"None (official) or one of {list(splits)}")
+    need(isinstance(p.get("trial", 0), int) and p.get("trial", 0) >= 0, "trial", "an integer >= 0")
+    need(p.get("verify", "exists") in VERIFY_MODES, "verify", f"one of {VERIFY_MODES}")
+    need(p.get("bad_images", "error") in ("error", "skip"), "bad_images", "'error' or 'skip'")
     if n_train_ids is not None and p["P"] > n_train_ids:
         raise ValueError(f"P={p['P']}: more identities per batch than the {n_train_ids} training identities of the dataset")
 
@@ -87,7 +96,7 @@ def param_groups(model, lr: float, memory_lr_mult: float = 1.) -> list[dict]:
 
 # %% ../nbs/08_learner.ipynb #f1e65195
 ARCH_KEYS = ("dataset", "model", "backbone", "M", "N", "L", "alpha", "P", "K", "lr", "weight_decay", "lr_step", "seed",
-             "height", "width", "spatial_memory", "temporal_memory", "spread_loss", "memory_lr_mult")
+             "height", "width", "spatial_memory", "temporal_memory", "spread_loss", "memory_lr_mult", "split", "trial")
 
 class Learner:
     "Train `model` on `tracklets` with parameters `p`; checkpoint to `out_dir/checkpoint.pt` each epoch."

@@ -80,8 +80,10 @@ def random_erasing(img: torch.Tensor, rng: np.random.Generator, p=.5, area=(.02,
     return img
 
 def load_frame(path: str, height: int, width: int) -> torch.Tensor:
-    "Frame at `path` as a normalised float tensor `[3, height, width]`."
-    with Image.open(path) as im: im = im.convert("RGB").resize((width, height), Image.BILINEAR)
+    "Frame at `path` as a normalised float tensor `[3, height, width]`; an unreadable file raises naming it."
+    try:
+        with Image.open(path) as im: im = im.convert("RGB").resize((width, height), Image.BILINEAR)
+    except (OSError, ValueError) as e: raise OSError(f"cannot read frame {path}: {e}") from e
     return TF.normalize(TF.to_dtype(TF.pil_to_tensor(im), torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
 
 # %% ../nbs/02_sampling.ipynb #1f1d5781

@@ -48,8 +48,17 @@ def test_train_notebook_runs_and_resumes(root, tmp_path, data_home):
     assert resumed["mAP"] == pytest.approx(straight["mAP"], abs=1e-4)
 
 
+def test_train_notebook_on_a_supplement_validation_half(root, tmp_path, data_home):
+    m = run_train(root, tmp_path/"val", epochs=1, split=1, trial=2)
+    ds = load_dataset("synth", split=1, trial=2)
+    assert m["split"] == "supplement half 1, trial 2" == ds.split and m["dataset"] == "synth-val"
+    assert m["n_query"] == len(ds.query) and m["n_gallery"] == len(ds.gallery) == len(load_dataset("synth").train) - len(ds.train)
+    assert m["params"]["split"] == 1 and m["params"]["trial"] == 2
+
+
 @pytest.mark.parametrize("bad, message", [(dict(M=0), "M=0"), (dict(N=0), "N=0"), (dict(alpha=-0.5), "alpha=-0.5"),
-                                          (dict(L=0), "L=0"), (dict(P=500), "P=500"), (dict(dataset="market"), "dataset=")])
+                                          (dict(L=0), "L=0"), (dict(P=500), "P=500"), (dict(dataset="market"), "dataset="),
+                                          (dict(split=5), "split=5"), (dict(protocol="official"), "protocol='official'")])
 def test_bad_parameters_fail_before_training(root, tmp_path, data_home, bad, message):
     with pytest.raises(pm.PapermillExecutionError) as e:
         run_train(root, tmp_path/"bad", **bad)
