@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stmn-installed
 OUT    ?= runs/train
 
-.PHONY: setup kernel train test compare export clean-nbs readme
+.PHONY: setup kernel train test compare evaluate bench export clean-nbs readme
 
 setup: $(STAMP) kernel
 
@@ -44,3 +44,12 @@ readme: $(STAMP)
 compare: setup
 	mkdir -p runs
 	$(BIN)/papermill nbs/compare.ipynb runs/compare.ipynb --log-output --no-progress-bar
+
+# The checkpoint of `make train` under every protocol, AP definition, test sampling and re-ranking; rank lists.
+evaluate: setup
+	$(BIN)/papermill nbs/evaluate.ipynb runs/evaluate.ipynb -p checkpoint $(OUT)/checkpoint.pt -p out_dir runs/evaluate --log-output --no-progress-bar
+
+# Speed and memory of evaluation (against a per-query loop), re-ranking and feature extraction -> runs/benchmark.json.
+bench: setup
+	mkdir -p runs
+	$(BIN)/papermill nbs/benchmark.ipynb runs/benchmark.ipynb --log-output --no-progress-bar

@@ -15,8 +15,8 @@ from PIL import Image
 # %% auto #0
 __all__ = ['PUBLISHED', 'MARS_LAYOUT', 'MARS_PROTOCOLS', 'PROTOCOLS', 'DATASETS', 'VERIFY_MODES', 'Tracklet', 'VideoDataset',
            'check_counts', 'BadImageError', 'decode_check', 'DatasetLayoutError', 'layout_error', 'parse_mars_name',
-           'load_mat', 'read_mars_split', 'mars_gallery', 'read_mars', 'validation_split', 'default_data_root',
-           'load_dataset']
+           'load_mat', 'read_mars_split', 'mars_gallery', 'read_mars', 'with_protocol', 'validation_split',
+           'default_data_root', 'load_dataset']
 
 # %% ../nbs/00_data.ipynb #88666ed5
 @dataclass(frozen=True)
@@ -208,7 +208,19 @@ def read_mars(root, protocol: str = "paper", verify: str = "exists") -> VideoDat
     ds.notes.append(f"gallery ({protocol} protocol): {len(gallery)} of the {len(test)} test tracklets; {left} tracklets left out")
     return ds
 
-# %% ../nbs/00_data.ipynb #a214c36f
+# %% ../nbs/00_data.ipynb #4c6833aa
+def with_protocol(ds: VideoDataset, protocol: str) -> VideoDataset:
+    "`ds` with its gallery rebuilt from the whole test split `ds.test_all` under another named protocol."
+    if protocol == ds.protocol: return ds
+    allowed = PROTOCOLS.get(ds.name, ())
+    if protocol not in allowed or not ds.test_all:
+        raise ValueError(f"protocol={protocol!r}: {ds.name} (split {ds.split}) can be scored under {allowed if ds.test_all else (ds.protocol,)}")
+    rows = {t: i for i, t in enumerate(ds.test_all)}
+    gallery = mars_gallery(ds.test_all, np.array([rows[t] for t in ds.query]), protocol)
+    note = f"gallery ({protocol} protocol): {len(gallery)} of the {len(ds.test_all)} test tracklets"
+    return replace(ds, gallery=gallery, protocol=protocol, notes=[n for n in ds.notes if not n.startswith("gallery (")] + [note])
+
+# %% ../nbs/00_data.ipynb #5727ce4d
 def validation_split(ds: VideoDataset, split: int, trial: int = 0) -> VideoDataset:
     "Supplement §1: train on identity half `split` of `ds.train` (trial `trial`), query/gallery from the other half."
     if split not in (0, 1): raise ValueError(f"split={split!r}: expected 0 or 1 (the two halves of the training identities)")
@@ -226,7 +238,7 @@ def validation_split(ds: VideoDataset, split: int, trial: int = 0) -> VideoDatas
                    notes=[f"the official query and gallery are not used; validation: {len(q)} queries (one per identity and camera) from "
                    f"{len(by_id_cam) - one_cam} held-out identities; {one_cam} identities seen by one camera give no query"])
 
-# %% ../nbs/00_data.ipynb #5727ce4d
+# %% ../nbs/00_data.ipynb #b855c5fd
 DATASETS = ("synth", "mars", "dukev", "lsvid", "ilidsvid", "prid2011")
 VERIFY_MODES = ("none", "exists", "decode")   # metadata only / first and last frame exist / decode every frame
 
@@ -239,7 +251,7 @@ def default_data_root(name: str, **options) -> Path:
     key = hashlib.md5(json.dumps(asdict(SynthConfig(**options)), sort_keys=True).encode()).hexdigest()[:8]
     return Path(os.environ.get("STMN_DATA") or Path.home()/".cache"/"stmn")/f"synth-{key}"
 
-# %% ../nbs/00_data.ipynb #eb5b236c
+# %% ../nbs/00_data.ipynb #c4a00c23
 def load_dataset(name: str, root=None, protocol: str | None = None, *, split: int | None = None, trial: int = 0,
                  verify: str = "exists", bad_images: str = "error", **options) -> VideoDataset:
     "Load dataset `name` from `root` under `protocol` and `split`; `synth` is generated there first if missing."

@@ -4,13 +4,16 @@
 
 # %% ../nbs/07_evaluation.ipynb #0f87ab1c
 from __future__ import annotations
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.nn.functional as F
 from .sampling import TestClips, SAMPLING_MODES
 
 # %% auto #0
-__all__ = ['AP_DEFINITIONS', 'cosine_distance', 'evaluate', 'extract_features', 'evaluate_model', 'format_result']
+__all__ = ['AP_DEFINITIONS', 'cosine_distance', 'evaluate_reference', 'evaluate', 'evaluate_torch', 'random_case',
+           'extract_features', 'evaluate_features', 'embed_dataset', 'evaluate_model', 'format_result']
 
 # %% ../nbs/07_evaluation.ipynb #68c5cb07
 def cosine_distance(q: torch.Tensor, g: torch.Tensor) -> np.ndarray:
@@ -20,79 +23,171 @@ def cosine_distance(q: torch.Tensor, g: torch.Tensor) -> np.ndarray:
 # %% ../nbs/07_evaluation.ipynb #8d786f45
 AP_DEFINITIONS = ("plain", "interpolated")
 
-def _rank_chunk(dist, qp, gp, qc, gc):
-    order = np.argsort(dist, axis=1, kind="stable")
-    p, c = gp[order], gc[order]
-    same = p == qp[:, None]
-    junk = (same & (c == qc[:, None])) | (p == -1)
-    keep = ~junk
-    good = same & keep
-    r = np.cumsum(keep, axis=1)                                  # 1-based position among kept items
-    hits = np.cumsum(good, axis=1)
-    return good, r, hits
-
-def evaluate(distmat, q_pids, g_pids, q_camids, g_camids, ap: str = "plain", max_rank: int = 50, chunk: int = 256) -> dict:
-    "CMC (`cmc[k-1]` = rank-k), mAP, mINP, per-query `ap` (NaN if skipped), `n_valid`, `n_skipped` for a `[Q, G]` distance matrix."
+def _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids, ap):
     if ap not in AP_DEFINITIONS: raise ValueError(f"ap={ap!r}: expected one of {AP_DEFINITIONS}")
-    distmat = np.asarray(distmat); qp, gp, qc, gc = (np.asarray(a) for a in (q_pids, g_pids, q_camids, g_camids))
+    qp, gp, qc, gc = (np.asarray(a).ravel() for a in (q_pids, g_pids, q_camids, g_camids))
     Q, G = distmat.shape
-    if (len(qp), len(qc), len(gp), len(gc)) != (Q, Q, G, G): raise ValueError(f"distmat {distmat.shape} does not match ids/cameras ({len(qp)}, {len(gp)})")
-    aps, inps, first = np.full(Q, np.nan), np.full(Q, np.nan), np.full(Q, np.inf)
-    for s in range(0, Q, chunk):                                  # bounded memory: `chunk` queries at a time
-        sl = slice(s, s + chunk)
-        good, r, hits = _rank_chunk(distmat[sl], qp[sl], gp, qc[sl], gc)
-        n_good = good.sum(1); valid = n_good > 0
-        prec = np.where(good, hits / np.maximum(r, 1), 0.)             # r ≥ 1 wherever good
-        if ap == "interpolated":
-            prev = np.where(r > 1, (hits - 1) / np.maximum(r - 1, 1), 1.)
-            prec = np.where(good, (prec + prev) / 2, 0.)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            aps[sl] = np.where(valid, prec.sum(1) / n_good, np.nan)
-            inps[sl] = np.where(valid, n_good / np.where(good, r, 0).max(1), np.nan)
-        first[sl] = np.where(valid, np.where(good, r, np.iinfo(np.int64).max).min(1), np.inf)
+    if (len(qp), len(qc), len(gp), len(gc)) != (Q, Q, G, G):
+        raise ValueError(f"distmat {tuple(distmat.shape)} does not match {len(qp)} query and {len(gp)} gallery ids/cameras")
+    return qp, gp, qc, gc
+
+def _summarise(ranks: list, ap: str, max_rank: int) -> dict:
+    "Metrics from each query's sorted 1-based ranks (among kept items) of its good items."
+    aps, inps, first = np.full(len(ranks), np.nan), np.full(len(ranks), np.nan), np.full(len(ranks), np.inf)
+    for q, r in enumerate(ranks):
+        if len(r) == 0: continue
+        k = np.arange(1, len(r) + 1)
+        prec = k / r
+        if ap == "interpolated": prec = (prec + np.where(r > 1, (k - 1) / np.maximum(r - 1, 1), 1.)) / 2
+        aps[q], inps[q], first[q] = prec.mean(), len(r) / r[-1], r[0]
     valid = np.isfinite(first)
     cmc = (first[valid, None] <= np.arange(1, max_rank + 1)[None]).mean(0) if valid.any() else np.zeros(max_rank)
     return dict(cmc=cmc, mAP=float(np.nanmean(aps)) if valid.any() else 0., mINP=float(np.nanmean(inps)) if valid.any() else 0.,
                 ap=aps, n_valid=int(valid.sum()), n_skipped=int((~valid).sum()))
 
-# %% ../nbs/07_evaluation.ipynb #1c949dff
+def evaluate_reference(distmat, q_pids, g_pids, q_camids, g_camids, ap: str = "plain", max_rank: int = 50) -> dict:
+    "The definitions above, one query at a time: stable sort, drop junk, rank the good items."
+    distmat = np.asarray(distmat); qp, gp, qc, gc = _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids, ap)
+    ranks = []
+    for q in range(len(qp)):
+        order = np.argsort(distmat[q], kind="stable")
+        same = gp[order] == qp[q]
+        junk = (same & (gc[order] == qc[q])) | (gp[order] == -1)
+        good = (same & ~junk)[~junk]                               # the ranking with junk removed
+        ranks.append(np.flatnonzero(good) + 1)
+    return _summarise(ranks, ap, max_rank)
+
+# %% ../nbs/07_evaluation.ipynb #4180609e
+def _sorted_chunks(D, minus1, chunk, threads):
+    "Yield `(start, rows, rows sorted, id −1 columns sorted)`; `threads` chunks are sorted ahead in parallel (numpy's sort releases the GIL)."
+    with ThreadPoolExecutor(threads) as ex:
+        work = lambda s: (s, D[s:s + chunk], np.sort(D[s:s + chunk], axis=1), np.sort(D[s:s + chunk][:, minus1], axis=1))
+        ahead = deque(ex.submit(work, s) for s in range(0, len(D), chunk)[:threads])
+        for s in range(threads * chunk, len(D) + threads * chunk, chunk):
+            done = ahead.popleft().result()
+            if s < len(D): ahead.append(ex.submit(work, s))                   # at most `threads` chunks in memory ahead
+            yield done
+
+def _good_ranks(D, qp, gp, qc, gc, chunk, threads=2):
+    by_pid = np.argsort(gp, kind="stable"); sorted_pids = gp[by_pid]
+    lo, hi = np.searchsorted(sorted_pids, qp), np.searchsorted(sorted_pids, qp, "right")
+    hi = np.where(qp == -1, lo, hi)                                            # a junk-id query has no good item
+    minus1 = np.flatnonzero(gp == -1)
+    ranks = []
+    for s, Dc, S, J in _sorted_chunks(D, minus1, chunk, threads):          # S: [chunk, G] values only, J: [chunk, #id −1]
+        for k, row in enumerate(Dc):
+            q = s + k
+            same = by_pid[lo[q]:hi[q]]                                         # gallery items of the query's identity
+            cam = gc[same] == qc[q]
+            g, own_cam = same[~cam], same[cam]                                # good items; same-camera junk
+            dg = row[g]
+            pos = np.searchsorted(S[k], dg)                                     # items strictly closer
+            junk = np.searchsorted(np.sort(row[own_cam]), dg) + np.searchsorted(J[k], dg)   # junk strictly closer
+            for t in np.flatnonzero(np.searchsorted(S[k], dg, "right") - pos > 1):   # exact ties: gallery order
+                eq = np.flatnonzero(row[:g[t]] == dg[t])
+                pos[t] += len(eq); junk[t] += np.isin(eq, minus1).sum() + np.isin(eq, own_cam).sum()
+            ranks.append(np.sort(pos - junk + 1))
+    return ranks
+
+# %% ../nbs/07_evaluation.ipynb #1fb78a43
+def evaluate(distmat, q_pids, g_pids, q_camids, g_camids, ap: str = "plain", max_rank: int = 50, chunk: int = 128) -> dict:
+    "CMC (`cmc[k-1]` = rank-k), mAP, mINP, per-query `ap` (NaN if skipped), `n_valid`, `n_skipped` of a `[Q, G]` distance matrix."
+    if isinstance(distmat, torch.Tensor) and distmat.is_cuda: return evaluate_torch(distmat, q_pids, g_pids, q_camids, g_camids, ap, max_rank, chunk)
+    distmat = distmat.cpu().numpy() if isinstance(distmat, torch.Tensor) else np.asarray(distmat)
+    qp, gp, qc, gc = _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids, ap)
+    if np.isnan(distmat).any(): raise ValueError("distmat contains NaN: the ranking is undefined")
+    return _summarise(_good_ranks(distmat, qp, gp, qc, gc, chunk), ap, max_rank)
+
+# %% ../nbs/07_evaluation.ipynb #5afee217
+@torch.no_grad()
+def evaluate_torch(distmat: torch.Tensor, q_pids, g_pids, q_camids, g_camids, ap: str = "plain", max_rank: int = 50, chunk: int = 1024) -> dict:
+    "`evaluate` with torch ops on `distmat`'s device (stable sort, cumulative sums)."
+    qp, gp, qc, gc = _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids, ap)
+    dev = distmat.device; qp, gp, qc, gc = (torch.as_tensor(a, device=dev) for a in (qp, gp, qc, gc))
+    ranks = []
+    for s in range(0, len(distmat), chunk):
+        order = torch.sort(distmat[s:s + chunk] + 0., dim=1, stable=True).indices
+        p, c = gp[order], gc[order]
+        same = p == qp[s:s + chunk, None]
+        junk = (same & (c == qc[s:s + chunk, None])) | (p == -1)
+        r = torch.cumsum(~junk, 1)                                              # 1-based position among kept items
+        good = same & ~junk
+        rows, cols = good.nonzero(as_tuple=True)
+        rr, rows = r[rows, cols].cpu().numpy(), rows.cpu().numpy()
+        ranks += np.split(rr, np.searchsorted(rows, np.arange(1, len(order))))
+    return _summarise(ranks, ap, max_rank)
+
+# %% ../nbs/07_evaluation.ipynb #1a0a09cc
+def random_case(rng: np.random.Generator, ties: bool):
+    "A random evaluation case `(distmat, q_pids, g_pids, q_camids, g_camids)` with junk, distractors and unmatched queries."
+    Q, G = int(rng.integers(1, 9)), int(rng.integers(1, 40))
+    D = rng.integers(0, 3, (Q, G)).astype(np.float32) if ties else rng.random((Q, G), dtype=np.float32)
+    if rng.random() < .1: gp = np.full(G, -1)                                   # an all-junk gallery
+    else: gp = rng.integers(-1, 5, G)
+    return D, rng.integers(0, 6, Q), gp, rng.integers(1, 4, Q), rng.integers(1, 4, G)
+
+# %% ../nbs/07_evaluation.ipynb #6066a86c
 @torch.no_grad()
 def extract_features(model, tracklets, L: int, height: int, width: int, mode: str = "all",
-                     batch_size: int = 32, device="cpu", workers: int = 0) -> torch.Tensor:
-    "Descriptors BN_t(f^st) `[T, D]` of `tracklets`, averaged over clips (and flips in 'all' mode)."
+                     batch_size: int = 32, device="cpu", workers: int = 0, maps: bool = False):
+    "Descriptors BN_t(f^st) `[T, D]` of `tracklets` averaged over clips (and flips in 'all' mode); with `maps`, also per-clip maps."
     was_training = model.training; model.eval()
     clips = TestClips(tracklets, L, height, width, mode)
     loader = torch.utils.data.DataLoader(clips, batch_size=batch_size, num_workers=workers)
-    total, count = None, torch.zeros(len(tracklets))
-    for x, idx in loader:
+    total, count, out_maps = None, torch.zeros(len(tracklets)), []
+    for x, idx in loader:                                                   # x: [b, L, 3, H, W]
         x = x.to(device)
-        f = model(x).float()
+        feats = model.forward_features(x)
+        f = model.forward_head(feats, pre_logits=True).float()
         if mode == "all": f = f + model(x.flip(-1)).float()              # horizontal flip of every frame
-        f = f.cpu()
         if total is None: total = torch.zeros(len(tracklets), f.shape[1])
-        total.index_add_(0, idx, f); count.index_add_(0, idx, torch.full((len(idx),), 2. if mode == "all" else 1.))
+        total.index_add_(0, idx, f.cpu()); count.index_add_(0, idx, torch.full((len(idx),), 2. if mode == "all" else 1.))
+        if maps: out_maps.append(_clip_maps(feats, len(x), L))
     model.train(was_training)
-    return total / count[:, None]
+    if not maps: return total / count[:, None]
+    cat = {k: torch.cat([m[k] for m in out_maps]) if out_maps[0][k] is not None else None for k in out_maps[0]}
+    return total / count[:, None], dict(cat, tracklet=torch.tensor([i for i, _ in clips.clips]), frames=[c for _, c in clips.clips])
 
-# %% ../nbs/07_evaluation.ipynb #143cf978
-def evaluate_model(model, dataset, L: int, height: int, width: int, mode: str = "all", ap: str = "plain",
-                   batch_size: int = 32, device="cpu", workers: int = 0) -> dict:
-    "Rank-1/5/10/20, mAP, mINP of `model` on `dataset`'s query/gallery, with protocol, sampling mode and counts."
-    if mode not in SAMPLING_MODES: raise ValueError(f"test sampling mode={mode!r}: expected one of {SAMPLING_MODES}")
-    index = {}
-    for t in list(dataset.gallery) + list(dataset.query): index.setdefault(t, len(index))
-    feats = extract_features(model, list(index), L, height, width, mode, batch_size, device, workers)
-    q = feats[[index[t] for t in dataset.query]]; g = feats[[index[t] for t in dataset.gallery]]
-    res = evaluate(cosine_distance(q, g), [t.pid for t in dataset.query], [t.pid for t in dataset.gallery],
+def _clip_maps(feats: dict, B: int, L: int) -> dict:
+    p_s = feats["p_s"]
+    return dict(attn=feats["attn"].float().cpu(), p_t=None if feats["p_t"] is None else feats["p_t"].float().cpu(),
+                p_s=None if p_s is None else p_s.float().view(B, L, -1, p_s.shape[-1]).mean(2).cpu())   # [B, L, M]
+
+# %% ../nbs/07_evaluation.ipynb #824d1020
+def evaluate_features(feats: dict, dataset, ap: str = "plain", rerank: bool = False, **rerank_args) -> dict:
+    "Score descriptors `feats` (`{tracklet: [D]}`) on `dataset`'s query/gallery; result with protocol, sampling and counts."
+    q = torch.stack([feats[t] for t in dataset.query]); g = torch.stack([feats[t] for t in dataset.gallery])
+    if rerank:
+        from stmn.reranking import k_reciprocal_distance
+        dist = k_reciprocal_distance(q, g, **rerank_args)
+    else: dist = cosine_distance(q, g)
+    res = evaluate(dist, [t.pid for t in dataset.query], [t.pid for t in dataset.gallery],
                    [t.camid for t in dataset.query], [t.camid for t in dataset.gallery], ap=ap)
     out = {f"rank{k}": float(res["cmc"][k - 1]) for k in (1, 5, 10, 20)}
-    out.update(mAP=res["mAP"], mINP=res["mINP"], dataset=dataset.name, protocol=dataset.protocol, split=getattr(dataset, "split", "official"), sampling=mode, ap=ap,
-               n_query=len(dataset.query), n_gallery=len(dataset.gallery), n_valid=res["n_valid"], n_skipped=res["n_skipped"])
+    out.update(mAP=res["mAP"], mINP=res["mINP"], dataset=dataset.name, protocol=dataset.protocol, split=dataset.split, ap=ap,
+               rerank=bool(rerank), n_query=len(dataset.query), n_gallery=len(dataset.gallery), n_valid=res["n_valid"], n_skipped=res["n_skipped"])
     return out
+
+def embed_dataset(model, dataset, L: int, height: int, width: int, mode: str = "all", batch_size: int = 32, device="cpu", workers: int = 0) -> dict:
+    "`{tracklet: descriptor}` for every query, gallery and test tracklet of `dataset`, each embedded once."
+    if mode not in SAMPLING_MODES: raise ValueError(f"test sampling mode={mode!r}: expected one of {SAMPLING_MODES}")
+    index = {}
+    for t in list(dataset.gallery) + list(dataset.query) + list(dataset.test_all): index.setdefault(t, len(index))
+    f = extract_features(model, list(index), L, height, width, mode, batch_size, device, workers)
+    return {t: f[i] for t, i in index.items()}
+
+# %% ../nbs/07_evaluation.ipynb #1b5ee168
+def evaluate_model(model, dataset, L: int, height: int, width: int, mode: str = "all", ap: str = "plain",
+                   batch_size: int = 32, device="cpu", workers: int = 0, protocol: str | None = None, rerank: bool = False) -> dict:
+    "Rank-1/5/10/20, mAP, mINP of `model` on `dataset` (under `protocol` if given), with protocol, sampling mode and counts."
+    from stmn.data import with_protocol
+    ds = with_protocol(dataset, protocol) if protocol else dataset
+    feats = embed_dataset(model, ds, L, height, width, mode, batch_size, device, workers)
+    return dict(evaluate_features(feats, ds, ap, rerank), sampling=mode)
 
 def format_result(r: dict) -> str:
     "One line: the numbers and exactly how they were obtained."
-    return (f"{r['dataset']} | protocol {r['protocol']} | split {r.get('split', 'official')} | sampling {r['sampling']} | AP {r['ap']} | "
-            f"{r['n_query']} queries ({r['n_valid']} with a match, {r['n_skipped']} skipped) × {r['n_gallery']} gallery | "
-            f"rank-1 {100*r['rank1']:.1f}  rank-5 {100*r['rank5']:.1f}  rank-10 {100*r['rank10']:.1f}  "
+    return (f"{r['dataset']} | protocol {r['protocol']} | split {r.get('split', 'official')} | sampling {r['sampling']} | AP {r['ap']}"
+            f"{' | re-ranked' if r.get('rerank') else ''} | {r['n_query']} queries ({r['n_valid']} with a match, {r['n_skipped']} skipped)"
+            f" × {r['n_gallery']} gallery | rank-1 {100*r['rank1']:.1f}  rank-5 {100*r['rank5']:.1f}  rank-10 {100*r['rank10']:.1f}  "
             f"rank-20 {100*r['rank20']:.1f}  mAP {100*r['mAP']:.1f}  mINP {100*r['mINP']:.1f}")

@@ -17,7 +17,8 @@ from .data import DATASETS, PROTOCOLS, VERIFY_MODES
 
 # %% auto #0
 __all__ = ['PAPER_RECIPE', 'RECIPES', 'MODEL_KINDS', 'MEMORY_PREFIXES', 'ARCH_KEYS', 'resolve_params', 'validate_params',
-           'atomic_write', 'save_json', 'build_model', 'param_groups', 'Learner', 'environment_info', 'plot_history']
+           'atomic_write', 'save_json', 'build_model', 'param_groups', 'Learner', 'load_model', 'environment_info',
+           'plot_history']
 
 # %% ../nbs/08_learner.ipynb #51001c2a
 PAPER_RECIPE = dict(backbone="resnet50", pretrained=True, height=256, width=128, P=8, K=4, L=6,   # paper §4.1
@@ -80,9 +81,10 @@ def build_model(p: dict, num_classes: int) -> STMN:
     "STMN or the baseline from resolved parameters (seeded by `p['seed']`)."
     torch.manual_seed(p["seed"])
     stmn = p["model"] == "stmn"
+    on = lambda k: stmn and p.get(k) is not False                        # ablation switches: absent or None means on
     return STMN(STMNConfig(num_classes, backbone=p["backbone"], pretrained=p["pretrained"], M=p["M"], N=p["N"], L=p["L"],
-                           alpha=p["alpha"], spatial_memory=stmn and p.get("spatial_memory", True),
-                           temporal_memory=stmn and p.get("temporal_memory", True), spread_loss=stmn and p.get("spread_loss", True)))
+                           alpha=p["alpha"], spatial_memory=on("spatial_memory"), temporal_memory=on("temporal_memory"),
+                           spread_loss=on("spread_loss")))
 
 # %% ../nbs/08_learner.ipynb #8a676c10
 MEMORY_PREFIXES = ("spatial_memory.", "temporal_memory.")
@@ -156,6 +158,18 @@ def _fit(self, epochs: int, resume: str = "auto", progress: bool = True) -> list
 Learner.fit = _fit
 
 # %% ../nbs/08_learner.ipynb #c16d7052
+def load_model(path, device="cpu") -> tuple[STMN, dict]:
+    "The model stored in checkpoint `path`, in eval mode on `device`, and the parameters it was trained with."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"checkpoint {path} does not exist; train one first (make train, or papermill nbs/train.ipynb …)")
+    try: state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e: raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
+    p = dict(state["params"], pretrained=False)
+    model = build_model(p, state["model"]["fc_t.weight"].shape[0])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), p
+
+# %% ../nbs/08_learner.ipynb #13f2e276
 def environment_info(device) -> dict:
     "Versions and device, for every results file."
     import torchvision, scipy, stmn

@@ -46,6 +46,13 @@ def test_train_notebook_runs_and_resumes(root, tmp_path, data_home):
     resumed = run_train(root, tmp_path/"resumed", epochs=2)            # resume="auto" continues the checkpoint
     assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in straight["history"]], rel=1e-5)
     assert resumed["mAP"] == pytest.approx(straight["mAP"], abs=1e-4)
+    # the evaluate notebook on that checkpoint reproduces the training run's number and scores every variant
+    pm.execute_notebook(str(root/"nbs/evaluate.ipynb"), str(tmp_path/"ev.ipynb"), cwd=str(root), progress_bar=False,
+                        parameters=dict(checkpoint=str(tmp_path/"straight/checkpoint.pt"), sampling="rrs", out_dir=str(tmp_path/"ev"), k_ranklist=5))
+    ev = json.loads((tmp_path/"ev/metrics.json").read_text())
+    assert ev["mAP"] == pytest.approx(straight["mAP"], abs=1e-5) and ev["n_gallery"] == straight["n_gallery"]
+    assert len(ev["table"]) == 2 * 3 * 2 * 2 and {r["protocol"] for r in ev["table"]} == {"paper", "matlab", "torchreid"}
+    assert (tmp_path/"ev/ranklist.png").stat().st_size > 5000 and (tmp_path/"ev/table.csv").read_text().count("\n") == 25
 
 
 def test_train_notebook_on_a_supplement_validation_half(root, tmp_path, data_home):
