@@ -12,10 +12,15 @@ import torchvision
 from torchvision.models.resnet import Bottleneck
 
 # %% auto #0
-__all__ = ['BACKBONES', 'load_backbone', 'stride1_head', 'NoFinalReLU', 'query_head', 'STMNEncoder']
+__all__ = ['BACKBONES', 'resnet10', 'load_backbone', 'stride1_head', 'NoFinalReLU', 'query_head', 'STMNEncoder']
 
 # %% ../nbs/03_encoder.ipynb #9bfd3236
+def resnet10(weights=None, **kw) -> torchvision.models.ResNet:
+    "torchvision's ResNet with one BasicBlock per stage and no ImageNet weights: the CPU smoke runs' tiny trunk."
+    return torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], **kw)
+
 BACKBONES = {  # name: (torchvision builder, ImageNet weights, output channels D)
+    "resnet10": (resnet10, None, 512),
     "resnet18": (torchvision.models.resnet18, "ResNet18_Weights.IMAGENET1K_V1", 512),
     "resnet34": (torchvision.models.resnet34, "ResNet34_Weights.IMAGENET1K_V1", 512),
     "resnet50": (torchvision.models.resnet50, "ResNet50_Weights.IMAGENET1K_V1", 2048),
@@ -28,6 +33,7 @@ def load_backbone(name: str, pretrained: bool | str = False) -> torchvision.mode
     model = build(weights=None)
     if pretrained is False or pretrained is None or pretrained == "": return model
     if pretrained is True:
+        if weights is None: raise ValueError(f"pretrained=True: there are no ImageNet weights for {name}; use pretrained=False")
         try: state = torchvision.models.get_weight(weights).get_state_dict(progress=False)
         except Exception as e:
             raise RuntimeError(f"pretrained=True: could not get torchvision's {weights} ({type(e).__name__}: {e}). "

@@ -51,6 +51,7 @@ def validate_params(p: dict, n_train_ids: int | None = None):
     need(p["model"] in MODEL_KINDS, "model", f"one of {MODEL_KINDS}")
     need(p["test_sampling"] in SAMPLING_MODES, "test_sampling", f"one of {SAMPLING_MODES}")
     need(p.get("workers", 0) >= 0, "workers", "an integer >= 0")
+    need(isinstance(p.get("nproc", 1), int) and p.get("nproc", 1) >= 1, "nproc", "an integer >= 1 (processes for one run)")
     need(p.get("protocol") in (None, "", *PROTOCOLS[p["dataset"]]), "protocol", f"'' (the dataset's default) or one of {PROTOCOLS[p['dataset']]}")
     splits = range(10) if p["dataset"] in ("ilidsvid", "prid2011") else (0, 1)
     need(p.get("split") is None or p["split"] in splits, "split", f"None (official) or one of {list(splits)}")
@@ -104,8 +105,14 @@ class Learner:
     "Train `model` on `tracklets` with parameters `p`; checkpoint to `out_dir/checkpoint.pt` each epoch."
     def __init__(self, model: STMN, tracklets, p: dict, out_dir, device="cpu"):
         self.model, self.p, self.out_dir, self.device = model.to(device), p, Path(out_dir), torch.device(device)
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank, self.world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
+        if p.get("sync_bn"):
+            if self.device.type != "cuda": raise ValueError("sync_bn=True: SyncBatchNorm needs CUDA devices (it refuses CPU modules)")
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None) if dist else self.model
         self.data = TrainClips(tracklets, p["L"], p["height"], p["width"])
-        self.sampler = PKSampler([t.pid for t in tracklets], p["P"], p["K"], seed=p["seed"])
+        self.sampler = PKSampler([t.pid for t in tracklets], p["P"], p["K"], seed=p["seed"], rank=self.rank, world_size=self.world)
         self.opt = torch.optim.Adam(param_groups(model, p["lr"], p.get("memory_lr_mult", 1.)), lr=p["lr"], weight_decay=p["weight_decay"])
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=p["lr_step"], gamma=.1)
         self.epoch, self.history = 0, []
@@ -114,7 +121,8 @@ class Learner:
 
 # %% ../nbs/08_learner.ipynb #bf5f4948
 def _save(self, path=None) -> Path:
-    "Atomically write model, optimizer, scheduler, epoch, history and parameters."
+    "Atomically write model, optimizer, scheduler, epoch, history and parameters (rank 0 only under DDP)."
+    if self.rank != 0: return self.checkpoint_path
     state = dict(model=self.model.state_dict(), opt=self.opt.state_dict(), sched=self.sched.state_dict(), epoch=self.epoch,
                  history=self.history, params={k: self.p.get(k) for k in ARCH_KEYS}, torch_rng=torch.get_rng_state())
     return atomic_write(path or self.checkpoint_path, lambda f: torch.save(state, f))
@@ -140,10 +148,10 @@ def _fit(self, epochs: int, resume: str = "auto", progress: bool = True) -> list
     steps = len(self.sampler)
     bar = tqdm(total=epochs * steps, initial=self.epoch * steps, disable=not progress, desc="training", mininterval=5)
     while self.epoch < epochs:
-        self.model.train(); self.sampler.set_epoch(self.epoch); t0 = time.time(); sums = defaultdict(float)
+        self.net.train(); self.sampler.set_epoch(self.epoch); t0 = time.time(); sums = defaultdict(float)
         loader = torch.utils.data.DataLoader(self.data, batch_sampler=self.sampler, num_workers=self.p.get("workers", 0))
         for clips, labels, _ in loader:
-            out = self.model(clips.to(self.device, non_blocking=True))
+            out = self.net(clips.to(self.device, non_blocking=True))
             loss, parts = stmn_loss(out, labels.to(self.device), self.p["alpha"], self.model.cfg.spread_loss, self.model.cfg.spread_chunks)
             self.opt.zero_grad(set_to_none=True); loss.backward(); self.opt.step()
             for k, v in parts.items(): sums[k] += v
@@ -152,6 +160,7 @@ def _fit(self, epochs: int, resume: str = "auto", progress: bool = True) -> list
                                  **{k: float(v) / steps for k, v in sums.items()}))
         bar.set_postfix(loss=f"{self.history[-1]['loss']:.3f}")
         self.sched.step(); self.epoch += 1; self.save()
+        if self.world > 1: torch.distributed.barrier()                    # every rank sees the saved checkpoint
     bar.close()
     return self.history
 

@@ -41,26 +41,28 @@ def all_frames_clips(n_frames: int, L: int) -> list[list[int]]:
 
 # %% ../nbs/02_sampling.ipynb #ca85e4ae
 class PKSampler:
-    "Batches of P identities × K tracklets as `(tracklet_index, sample_seed)`; deterministic in (seed, epoch)."
-    def __init__(self, pids, P: int, K: int, seed: int = 0):
+    "Batches of P identities × K tracklets as `(tracklet_index, sample_seed)`; deterministic in (seed, epoch); rank-aware."
+    def __init__(self, pids, P: int, K: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         self.by_pid = {}
         for i, p in enumerate(pids): self.by_pid.setdefault(int(p), []).append(i)
         if P < 1: raise ValueError(f"P={P}: expected at least 1 identity per batch")
         if K < 1: raise ValueError(f"K={K}: expected at least 1 tracklet per identity")
         if P > len(self.by_pid): raise ValueError(f"P={P} identities per batch, but the training set has only {len(self.by_pid)} identities")
-        self.P, self.K, self.seed, self.epoch = P, K, seed, 0
-    def __len__(self): return len(self.by_pid) // self.P
+        if P * world_size > len(self.by_pid): raise ValueError(f"P={P} × {world_size} processes exceeds the {len(self.by_pid)} identities")
+        self.P, self.K, self.seed, self.epoch, self.rank, self.world = P, K, seed, 0, rank, world_size
+    def __len__(self): return len(self.by_pid) // (self.P * self.world)
     def set_epoch(self, epoch: int): self.epoch = epoch
     def batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        "Every rank draws the same global batches of P × world identities and keeps its own P: equal step counts."
         rng = np.random.default_rng([self.seed, epoch])
         ids = rng.permutation(sorted(self.by_pid))
-        out = []
+        out, PW = [], self.P * self.world
         for b in range(len(self)):
             batch = []
-            for pid in ids[b*self.P:(b+1)*self.P]:
+            for pid in ids[b*PW:(b+1)*PW]:
                 pool = self.by_pid[int(pid)]
                 batch += [(pool[rng.integers(len(pool))], int(rng.integers(2**31))) for _ in range(self.K)]
-            out.append(batch)
+            out.append(batch[self.rank * self.P * self.K:(self.rank + 1) * self.P * self.K])
         return out
     def __iter__(self): return iter(self.batches(self.epoch))
 
