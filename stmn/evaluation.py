@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from .sampling import TestClips, SAMPLING_MODES
 
 # %% auto #0
-__all__ = ['AP_DEFINITIONS', 'cosine_distance', 'evaluate_reference', 'evaluate', 'evaluate_torch', 'random_case',
-           'extract_features', 'evaluate_features', 'embed_dataset', 'evaluate_model', 'format_result']
+__all__ = ['AP_DEFINITIONS', 'cosine_distance', 'match_and_junk', 'evaluate_reference', 'evaluate', 'evaluate_torch',
+           'random_case', 'extract_features', 'feature_distances', 'evaluate_features', 'embed_dataset',
+           'evaluate_model', 'format_result']
 
 # %% ../nbs/07_evaluation.ipynb #68c5cb07
 def cosine_distance(q: torch.Tensor, g: torch.Tensor) -> np.ndarray:
@@ -45,14 +46,18 @@ def _summarise(ranks: list, ap: str, max_rank: int) -> dict:
     return dict(cmc=cmc, mAP=float(np.nanmean(aps)) if valid.any() else 0., mINP=float(np.nanmean(inps)) if valid.any() else 0.,
                 ap=aps, n_valid=int(valid.sum()), n_skipped=int((~valid).sum()))
 
+def match_and_junk(q_pids, q_camids, g_pids, g_camids):
+    "`same` (the query's identity) and `junk` (same identity and camera, or id −1) masks; broadcasts arrays or tensors."
+    same = g_pids == q_pids
+    return same, (same & (g_camids == q_camids)) | (g_pids == -1)
+
 def evaluate_reference(distmat, q_pids, g_pids, q_camids, g_camids, ap: str = "plain", max_rank: int = 50) -> dict:
     "The definitions above, one query at a time: stable sort, drop junk, rank the good items."
     distmat = np.asarray(distmat); qp, gp, qc, gc = _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids, ap)
     ranks = []
     for q in range(len(qp)):
         order = np.argsort(distmat[q], kind="stable")
-        same = gp[order] == qp[q]
-        junk = (same & (gc[order] == qc[q])) | (gp[order] == -1)
+        same, junk = match_and_junk(qp[q], qc[q], gp[order], gc[order])
         good = (same & ~junk)[~junk]                               # the ranking with junk removed
         ranks.append(np.flatnonzero(good) + 1)
     return _summarise(ranks, ap, max_rank)
@@ -107,9 +112,7 @@ def evaluate_torch(distmat: torch.Tensor, q_pids, g_pids, q_camids, g_camids, ap
     ranks = []
     for s in range(0, len(distmat), chunk):
         order = torch.sort(distmat[s:s + chunk] + 0., dim=1, stable=True).indices
-        p, c = gp[order], gc[order]
-        same = p == qp[s:s + chunk, None]
-        junk = (same & (c == qc[s:s + chunk, None])) | (p == -1)
+        same, junk = match_and_junk(qp[s:s + chunk, None], qc[s:s + chunk, None], gp[order], gc[order])
         r = torch.cumsum(~junk, 1)                                              # 1-based position among kept items
         good = same & ~junk
         rows, cols = good.nonzero(as_tuple=True)
@@ -154,13 +157,16 @@ def _clip_maps(feats: dict, B: int, L: int) -> dict:
                 p_s=None if p_s is None else p_s.float().view(B, L, -1, p_s.shape[-1]).mean(2).cpu())   # [B, L, M]
 
 # %% ../nbs/07_evaluation.ipynb #824d1020
-def evaluate_features(feats: dict, dataset, ap: str = "plain", rerank: bool = False, **rerank_args) -> dict:
-    "Score descriptors `feats` (`{tracklet: [D]}`) on `dataset`'s query/gallery; result with protocol, sampling and counts."
+def feature_distances(feats: dict, dataset, rerank: bool = False, **rerank_args) -> np.ndarray:
+    "`[Q, G]` distances between `dataset`'s query and gallery descriptors in `feats`: cosine, or k-reciprocal re-ranked."
     q = torch.stack([feats[t] for t in dataset.query]); g = torch.stack([feats[t] for t in dataset.gallery])
-    if rerank:
-        from stmn.reranking import k_reciprocal_distance
-        dist = k_reciprocal_distance(q, g, **rerank_args)
-    else: dist = cosine_distance(q, g)
+    if not rerank: return cosine_distance(q, g)
+    from stmn.reranking import k_reciprocal_distance
+    return k_reciprocal_distance(q, g, **rerank_args)
+
+def evaluate_features(feats: dict, dataset, ap: str = "plain", rerank: bool = False, dist=None, **rerank_args) -> dict:
+    "Score descriptors `feats` (`{tracklet: [D]}`) on `dataset`'s query/gallery (or given `dist`); result with protocol, sampling, counts."
+    if dist is None: dist = feature_distances(feats, dataset, rerank, **rerank_args)
     res = evaluate(dist, [t.pid for t in dataset.query], [t.pid for t in dataset.gallery],
                    [t.camid for t in dataset.query], [t.camid for t in dataset.gallery], ap=ap)
     out = {f"rank{k}": float(res["cmc"][k - 1]) for k in (1, 5, 10, 20)}
@@ -168,11 +174,12 @@ def evaluate_features(feats: dict, dataset, ap: str = "plain", rerank: bool = Fa
                rerank=bool(rerank), n_query=len(dataset.query), n_gallery=len(dataset.gallery), n_valid=res["n_valid"], n_skipped=res["n_skipped"])
     return out
 
-def embed_dataset(model, dataset, L: int, height: int, width: int, mode: str = "all", batch_size: int = 32, device="cpu", workers: int = 0) -> dict:
-    "`{tracklet: descriptor}` for every query, gallery and test tracklet of `dataset`, each embedded once."
+def embed_dataset(model, dataset, L: int, height: int, width: int, mode: str = "all", batch_size: int = 32, device="cpu",
+                  workers: int = 0, whole_test: bool = True) -> dict:
+    "`{tracklet: descriptor}` for every query and gallery tracklet of `dataset` (and, if `whole_test`, every test tracklet), each once."
     if mode not in SAMPLING_MODES: raise ValueError(f"test sampling mode={mode!r}: expected one of {SAMPLING_MODES}")
     index = {}
-    for t in list(dataset.gallery) + list(dataset.query) + list(dataset.test_all): index.setdefault(t, len(index))
+    for t in list(dataset.gallery) + list(dataset.query) + (list(dataset.test_all) if whole_test else []): index.setdefault(t, len(index))
     f = extract_features(model, list(index), L, height, width, mode, batch_size, device, workers)
     return {t: f[i] for t, i in index.items()}
 
@@ -182,7 +189,7 @@ def evaluate_model(model, dataset, L: int, height: int, width: int, mode: str = 
     "Rank-1/5/10/20, mAP, mINP of `model` on `dataset` (under `protocol` if given), with protocol, sampling mode and counts."
     from stmn.data import with_protocol
     ds = with_protocol(dataset, protocol) if protocol else dataset
-    feats = embed_dataset(model, ds, L, height, width, mode, batch_size, device, workers)
+    feats = embed_dataset(model, ds, L, height, width, mode, batch_size, device, workers, whole_test=False)   # one protocol only
     return dict(evaluate_features(feats, ds, ap, rerank), sampling=mode)
 
 def format_result(r: dict) -> str:

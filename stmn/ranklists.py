@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import matplotlib.pyplot as plt
 from PIL import Image
+from .evaluation import match_and_junk
 
 # %% auto #0
 __all__ = ['rank_list', 'draw_rank_lists']
@@ -18,8 +19,7 @@ def rank_list(dist_row, q_pid: int, q_camid: int, g_pids, g_camids, k: int = 10)
     "The first `k` `(gallery index, is_match)` of one query's ranking (stable order), junk removed as in evaluation."
     g_pids, g_camids = np.asarray(g_pids), np.asarray(g_camids)
     order = np.argsort(np.asarray(dist_row), kind="stable")
-    same = g_pids[order] == q_pid
-    junk = (same & (g_camids[order] == q_camid)) | (g_pids[order] == -1)
+    same, junk = match_and_junk(q_pid, q_camid, g_pids[order], g_camids[order])      # the evaluation's junk rule
     return [(int(i), bool(s)) for i, s in zip(order[~junk][:k], same[~junk][:k])]
 
 # %% ../nbs/07b_ranklists.ipynb #4f4d0409
