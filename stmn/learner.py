@@ -13,28 +13,33 @@ from tqdm import tqdm
 from .sampling import PKSampler, TrainClips, SAMPLING_MODES
 from .model import STMN, STMNConfig
 from .losses import stmn_loss
+from .ste_nvan import STENVAN, STENVANConfig, ste_nvan_loss, STE_NVAN_RECIPE
 from .data import DATASETS, PROTOCOLS, VERIFY_MODES
 
 # %% auto #0
-__all__ = ['PAPER_RECIPE', 'RECIPES', 'MODEL_KINDS', 'MEMORY_PREFIXES', 'ARCH_KEYS', 'resolve_params', 'validate_params',
-           'atomic_write', 'save_json', 'build_model', 'param_groups', 'Learner', 'load_model', 'environment_info',
-           'plot_history']
+__all__ = ['PAPER_RECIPE', 'RECIPES', 'NAMED_RECIPES', 'MODEL_KINDS', 'MEMORY_PREFIXES', 'ARCH_KEYS', 'resolve_params',
+           'validate_params', 'atomic_write', 'save_json', 'build_model', 'param_groups', 'Learner', 'load_model',
+           'environment_info', 'plot_history']
 
 # %% ../nbs/08_learner.ipynb #51001c2a
 PAPER_RECIPE = dict(backbone="resnet50", pretrained=True, height=256, width=128, P=8, K=4, L=6,   # paper §4.1
-                    lr=1e-4, weight_decay=1e-5, epochs=200, lr_step=50, test_sampling="all")
+                    lr=1e-4, weight_decay=1e-5, epochs=200, lr_step=50, test_sampling="all", erasing=True)
 RECIPES = {
     **{name: PAPER_RECIPE for name in ("mars", "dukev", "lsvid")},        # the paper trains all three alike
     **{name: PAPER_RECIPE for name in ("ilidsvid", "prid2011")},          # not in the paper: its recipe, unchanged
     "synth": dict(backbone="resnet18", pretrained=False, height=64, width=32, P=8, K=2, L=6,    # this project's demo
-                  lr=3e-4, weight_decay=1e-5, epochs=25, lr_step=20, test_sampling="all"),
+                  lr=3e-4, weight_decay=1e-5, epochs=25, lr_step=20, test_sampling="all", erasing=True),
 }
-MODEL_KINDS = ("stmn", "baseline")
+NAMED_RECIPES = {"ste_nvan": STE_NVAN_RECIPE}     # `recipe="ste_nvan"`: STE-NVAN's own recipe (its authors' run_NL.sh)
+MODEL_KINDS = ("stmn", "baseline", "ste_nvan")
 
 def resolve_params(params: dict) -> dict:
-    "Copy of `params` with every `None` filled from the recipe of `params['dataset']`."
+    "Copy of `params` with every `None` filled from the named `recipe` if given, else the recipe of `params['dataset']`."
     if params.get("dataset") not in RECIPES: raise ValueError(f"dataset={params.get('dataset')!r}: expected one of {list(RECIPES)}")
-    return {k: (RECIPES[params["dataset"]].get(k) if v is None else v) for k, v in {**RECIPES[params["dataset"]], **params}.items()}
+    name = params.get("recipe") or ""
+    if name and name not in NAMED_RECIPES: raise ValueError(f"recipe={name!r}: expected '' (the dataset's) or one of {list(NAMED_RECIPES)}")
+    recipe = NAMED_RECIPES[name] if name else RECIPES[params["dataset"]]
+    return {k: (recipe.get(k) if v is None else v) for k, v in {**recipe, **params}.items()}
 
 # %% ../nbs/08_learner.ipynb #5d59ebf5
 def validate_params(p: dict, n_train_ids: int | None = None):
@@ -49,6 +54,8 @@ def validate_params(p: dict, n_train_ids: int | None = None):
     need(num("memory_lr_mult", 1.) > 0, "memory_lr_mult", "a learning-rate multiplier > 0")
     need(num("weight_decay") >= 0, "weight_decay", "a value >= 0")
     need(p["model"] in MODEL_KINDS, "model", f"one of {MODEL_KINDS}")
+    need(p["model"] != "ste_nvan" or p["L"] % 4 == 0, "L", "a multiple of 4 for model='ste_nvan' (two pairwise frame merges)")
+    need(p.get("nl_scope", "pair") in ("pair", "all"), "nl_scope", "'pair' (STE-NVAN's code) or 'all' (its paper's figure)")
     need(p["test_sampling"] in SAMPLING_MODES, "test_sampling", f"one of {SAMPLING_MODES}")
     need(p.get("workers", 0) >= 0, "workers", "an integer >= 0")
     need(isinstance(p.get("nproc", 1), int) and p.get("nproc", 1) >= 1, "nproc", "an integer >= 1 (processes for one run)")
@@ -78,9 +85,12 @@ def save_json(obj, path) -> Path:
     return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=str).encode()))
 
 # %% ../nbs/08_learner.ipynb #195073da
-def build_model(p: dict, num_classes: int) -> STMN:
-    "STMN or the baseline from resolved parameters (seeded by `p['seed']`)."
+def build_model(p: dict, num_classes: int) -> STMN | STENVAN:
+    "STMN, the baseline or STE-NVAN from resolved parameters (seeded by `p['seed']`)."
     torch.manual_seed(p["seed"])
+    if p["model"] == "ste_nvan":                                         # stripes: one map row each at layer3, as at 256×128
+        return STENVAN(STENVANConfig(num_classes, backbone=p["backbone"], pretrained=p["pretrained"], L=p["L"],
+                                     nl_scope=p.get("nl_scope") or "pair", stripes=min(16, p["height"] // 16)))
     stmn = p["model"] == "stmn"
     on = lambda k: stmn and p.get(k) is not False                        # ablation switches: absent or None means on
     return STMN(STMNConfig(num_classes, backbone=p["backbone"], pretrained=p["pretrained"], M=p["M"], N=p["N"], L=p["L"],
@@ -99,7 +109,8 @@ def param_groups(model, lr: float, memory_lr_mult: float = 1.) -> list[dict]:
 
 # %% ../nbs/08_learner.ipynb #f1e65195
 ARCH_KEYS = ("dataset", "model", "backbone", "M", "N", "L", "alpha", "P", "K", "lr", "weight_decay", "lr_step", "seed",
-             "height", "width", "spatial_memory", "temporal_memory", "spread_loss", "memory_lr_mult", "split", "trial")
+             "height", "width", "spatial_memory", "temporal_memory", "spread_loss", "memory_lr_mult", "split", "trial",
+             "nl_scope", "erasing")
 
 class Learner:
     "Train `model` on `tracklets` with parameters `p`; checkpoint to `out_dir/checkpoint.pt` each epoch."
@@ -111,11 +122,15 @@ class Learner:
             if self.device.type != "cuda": raise ValueError("sync_bn=True: SyncBatchNorm needs CUDA devices (it refuses CPU modules)")
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None) if dist else self.model
-        self.data = TrainClips(tracklets, p["L"], p["height"], p["width"])
+        self.data = TrainClips(tracklets, p["L"], p["height"], p["width"], erase=.5 if p.get("erasing", True) else 0.)
         self.sampler = PKSampler([t.pid for t in tracklets], p["P"], p["K"], seed=p["seed"], rank=self.rank, world_size=self.world)
         self.opt = torch.optim.Adam(param_groups(model, p["lr"], p.get("memory_lr_mult", 1.)), lr=p["lr"], weight_decay=p["weight_decay"])
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=p["lr_step"], gamma=.1)
         self.epoch, self.history = 0, []
+    def loss(self, out: dict, labels: torch.Tensor):
+        "The model's training loss and its parts: `ste_nvan_loss` for STE-NVAN, `stmn_loss` otherwise."
+        if isinstance(self.model, STENVAN): return ste_nvan_loss(out, labels)
+        return stmn_loss(out, labels, self.p["alpha"], self.model.cfg.spread_loss, self.model.cfg.spread_chunks)
     @property
     def checkpoint_path(self) -> Path: return self.out_dir/"checkpoint.pt"
 
@@ -152,7 +167,7 @@ def _fit(self, epochs: int, resume: str = "auto", progress: bool = True) -> list
         loader = torch.utils.data.DataLoader(self.data, batch_sampler=self.sampler, num_workers=self.p.get("workers", 0))
         for clips, labels, _ in loader:
             out = self.net(clips.to(self.device, non_blocking=True))
-            loss, parts = stmn_loss(out, labels.to(self.device), self.p["alpha"], self.model.cfg.spread_loss, self.model.cfg.spread_chunks)
+            loss, parts = self.loss(out, labels.to(self.device))
             self.opt.zero_grad(set_to_none=True); loss.backward(); self.opt.step()
             for k, v in parts.items(): sums[k] += v
             sums["loss"] += loss.detach(); bar.update(1)
@@ -173,12 +188,13 @@ def load_model(path, device="cpu") -> tuple[STMN, dict]:
     if not path.is_file(): raise FileNotFoundError(f"checkpoint {path} does not exist; train one first (make train, or papermill nbs/train.ipynb …)")
     try: state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e: raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
-    p = dict(state["params"], pretrained=False)
-    model = build_model(p, state["model"]["fc_t.weight"].shape[0])
+    p = dict(state["params"], pretrained=False, epochs_trained=state["epoch"])
+    fc = state["model"].get("fc_t.weight", state["model"].get("fc.weight"))      # STMN: fc_t; STE-NVAN: fc
+    model = build_model(p, fc.shape[0])
     model.load_state_dict(state["model"])
     return model.to(device).eval(), p
 
-# %% ../nbs/08_learner.ipynb #13f2e276
+# %% ../nbs/08_learner.ipynb #98ff4060
 def environment_info(device) -> dict:
     "Versions and device, for every results file."
     import torchvision, scipy, stmn

@@ -12,7 +12,8 @@ from .memory import SpatialMemory, TemporalMemory, KEY_NORMS
 
 # %% auto #0
 __all__ = ['MODELS', 'STMNConfig', 'bnneck', 'classifier', 'STMN', 'register', 'stmn_resnet50', 'stmn_resnet18',
-           'baseline_resnet50', 'baseline_resnet18', 'create_model']
+           'baseline_resnet50', 'baseline_resnet18', 'create_model', 'authors_name', 'load_authors_state_dict',
+           'seeded_tensor']
 
 # %% ../nbs/06_model.ipynb #1beed981
 @dataclass
@@ -32,6 +33,7 @@ class STMNConfig:
     temperature: float = .1            # only for key_norm="cosine" (this project's choice)
     stem_relu: bool = True             # METHOD.md §1 Decision: torchvision stem; False = authors' stem quirk
     spread_chunks: int = 1             # METHOD.md §4: 1 = whole batch; 3 mimics the authors' 3-GPU split
+    bnneck_train_weight: bool = False  # METHOD.md §4: BN_s/BN_t weight frozen; True = authors' code (only the bias frozen)
     def __post_init__(self):
         for k in ("num_classes", "M", "N", "L", "spread_chunks"):
             if getattr(self, k) < 1: raise ValueError(f"{k}={getattr(self, k)}: expected an integer >= 1")
@@ -39,9 +41,9 @@ class STMNConfig:
         if self.key_norm not in KEY_NORMS: raise ValueError(f"key_norm={self.key_norm!r}: expected one of {KEY_NORMS}")
 
 # %% ../nbs/06_model.ipynb #60b40b9c
-def bnneck(dim: int) -> nn.BatchNorm1d:
-    "BatchNorm1d with weight 1 and bias 0, both frozen (running statistics still update)."
-    bn = nn.BatchNorm1d(dim); bn.weight.requires_grad_(False); bn.bias.requires_grad_(False); return bn
+def bnneck(dim: int, train_weight: bool = False) -> nn.BatchNorm1d:
+    "BatchNorm1d with weight 1 and bias 0, the bias frozen and the weight too unless `train_weight` (running statistics update)."
+    bn = nn.BatchNorm1d(dim); bn.weight.requires_grad_(train_weight); bn.bias.requires_grad_(False); return bn
 
 def classifier(dim: int, n: int) -> nn.Linear:
     "Bias-free linear classifier initialised N(0, 0.001²)."
@@ -56,7 +58,7 @@ class STMN(nn.Module):
         D = self.dim = self.encoder.dim
         self.spatial_memory = SpatialMemory(D, cfg.M, cfg.key_norm, cfg.temperature) if cfg.spatial_memory else None
         self.temporal_memory = TemporalMemory(D, cfg.N, cfg.L, cfg.key_norm, cfg.temperature) if cfg.temporal_memory else None
-        self.bn_s, self.bn_t = bnneck(D), bnneck(D)
+        self.bn_s, self.bn_t = bnneck(D, cfg.bnneck_train_weight), bnneck(D, cfg.bnneck_train_weight)
         self.reset_classifier(cfg.num_classes)
     def reset_classifier(self, num_classes: int):
         "New classifiers W_s, W_t for `num_classes` identities."
@@ -119,3 +121,52 @@ def create_model(name: str, num_classes: int, **kw) -> STMN:
     "Build a registered model: `stmn_*` or `baseline_*` over a ResNet trunk."
     if name not in MODELS: raise ValueError(f"model={name!r}: expected one of {sorted(MODELS)}")
     return MODELS[name](num_classes, **kw)
+
+# %% ../nbs/06_model.ipynb #df48c561
+_AUTHORS_PREFIXES = [("features.backbone.conv1.", "encoder.trunk.0."), ("features.backbone.bn1.", "encoder.trunk.1."),
+                     ("features.backbone.layer1.", "encoder.trunk.4."), ("features.backbone.layer2.", "encoder.trunk.5."),
+                     ("features.backbone.layer3.", "encoder.trunk.6."), ("features.backbone.layer4_val.", "encoder.value_head."),
+                     ("features.backbone.layer4_key_s.2.", "encoder.spatial_query_head.2.block."),
+                     ("features.backbone.layer4_key_s.", "encoder.spatial_query_head."),
+                     ("features.backbone.layer4_key_t.2.", "encoder.temporal_query_head.2.block."),
+                     ("features.backbone.layer4_key_t.", "encoder.temporal_query_head."),
+                     ("smem.key", "spatial_memory.keys"), ("smem.val", "spatial_memory.values"), ("smem.bn.", "spatial_memory.readout_bn."),
+                     ("tmem.key", "temporal_memory.keys"), ("tmem.val", "temporal_memory.values"), ("tmem.lstm.", "temporal_memory.lstm."),
+                     ("bn_s.", "bn_s."), ("bn_t.", "bn_t."), ("cls_s.", "fc_s."), ("cls_t.", "fc_t.")]
+
+def authors_name(name: str) -> str:
+    "This project's parameter name for a parameter or buffer name of the authors' STMN (first release)."
+    name = name.removeprefix("module.")
+    for theirs, ours in _AUTHORS_PREFIXES:
+        if name.startswith(theirs): return ours + name[len(theirs):]
+    raise KeyError(f"{name!r} is not a parameter of the authors' STMN (first release)")
+
+# %% ../nbs/06_model.ipynb #e9fbc940
+def load_authors_state_dict(state_dict: dict, **flags) -> STMN:
+    "An `STMN` (eval mode) holding the weights of a state dict saved by the authors' STMN code; `flags` override config fields."
+    sd = state_dict.get("state_dict", state_dict)
+    sd = {authors_name(k): v for k, v in sd.items()}                        # KeyError names any foreign entry
+    need = ("spatial_memory.keys", "temporal_memory.values", "fc_t.weight")
+    if any(k not in sd for k in need): raise KeyError(f"not an authors' STMN state dict: missing {[k for k in need if k not in sd]}")
+    D = sd["spatial_memory.keys"].shape[1]
+    if D != 2048: raise ValueError(f"authors' state dict has D={D} channels; their code builds a ResNet-50 (D=2048)")
+    kw = dict(backbone="resnet50", M=sd["spatial_memory.keys"].shape[0], N=sd["temporal_memory.keys"].shape[0],
+              L=sd["temporal_memory.values"].shape[1], stem_relu=False, bnneck_train_weight=True)
+    model = STMN(STMNConfig(sd["fc_t.weight"].shape[0], **{**kw, **flags}))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected: raise KeyError(f"authors' state dict does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval()
+
+# %% ../nbs/06_model.ipynb #b2a47ade
+def seeded_tensor(name: str, shape) -> torch.Tensor:
+    "A deterministic tensor of `shape` for parameter `name` (authors' naming), by the fill rule above."
+    import zlib, numpy as np
+    rng, shape = np.random.default_rng(zlib.crc32(name.encode())), tuple(shape)
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "num_batches_tracked": return torch.zeros(shape, dtype=torch.long)
+    if name.endswith("tmem.val"): x = rng.random(shape)
+    elif name.endswith(("mem.key", "smem.val")): x = rng.standard_normal(shape)
+    elif leaf == "running_var" or (leaf == "weight" and len(shape) == 1): x = .5 + rng.random(shape)
+    elif leaf.startswith(("bias", "running_mean")): x = .1 * rng.standard_normal(shape)
+    else: x = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))    # conv / linear / LSTM weights
+    return torch.from_numpy(x.astype(np.float32))

@@ -13,8 +13,8 @@ from PIL import Image
 from .data import DatasetLayoutError
 
 # %% auto #0
-__all__ = ['SynthConfig', 'make_scene', 'render_scene', 'make_palette', 'make_person', 'draw_person', 'render_frame',
-           'make_synthetic_mars']
+__all__ = ['PIXEL_LABELS', 'SHARED_DISTRACTORS', 'SynthConfig', 'make_scene', 'render_scene', 'make_palette', 'make_person',
+           'draw_person', 'render_frame', 'make_synthetic_mars', 'read_truth']
 
 # %% ../nbs/01_synth.ipynb #ff6ae349
 @dataclass(frozen=True)
@@ -102,31 +102,38 @@ def draw_person(img: np.ndarray, p: dict, dx: float = 0, dy: float = 0, step: fl
     _box(img, dy + .55*h, dy + .95*h, cx + .02*w - s, cx + .2*w - s, p["lower"])
     if p["bag"]:
         bx = cx + (.2*w if p["bag_side"] else -.42*w)
-        _box(img, dy + .3*h, dy + .58*h, bx, bx + .22*w, (.08, .08, .1))                    # the dark bag
+        _box(img, dy + .3*h, dy + .58*h, bx, bx + .22*w, p.get("bag_colour", (.08, .08, .1)))  # the dark bag
     return img
 
 # %% ../nbs/01_synth.ipynb #c8ae6484
-def render_frame(rng, cfg: SynthConfig, scene: dict, person: dict, t: int, phase: float) -> tuple[np.ndarray, str]:
-    "One frame `[h, w, 3]` uint8 of `person` in `scene` at time `t`, and its kind: clean/occluded/bad_crop."
-    h, w = cfg.height, cfg.width
+PIXEL_LABELS = ("background", "clutter", "foreground", "person", "bag", "occluder")   # codes 0..5 of a label map
+SHARED_DISTRACTORS = ("background", "clutter", "foreground", "bag")   # pixels many identities share (spatial distractors)
+
+def render_frame(rng, cfg: SynthConfig, scene: dict, person: dict, t: int, phase: float) -> tuple[np.ndarray, str, np.ndarray]:
+    "One frame `[h, w, 3]` uint8 of `person` at time `t`, its kind (clean/occluded/bad_crop) and its label map `[h, w]`."
+    h, w = cfg.height, cfg.width; code = {k: i for i, k in enumerate(PIXEL_LABELS)}
     img = render_scene(scene, h, w, cfg.background_strength)
+    lab = _draw_boxes(np.zeros((h, w), np.uint8), [b[:4] + (code["clutter"],) for b in scene["clutter"]])
     kind, u = "clean", rng.random()
     dx, dy = rng.normal(0, .04*w), rng.normal(0, .02*h)
     if u < cfg.bad_crop_prob:
         kind = "bad_crop"
         if rng.random() < .5: dx = rng.choice([-1, 1]) * rng.uniform(.45, .7) * w
         else: dy = rng.uniform(.4, .6) * h
-    draw_person(img, person, dx, dy, np.sin(phase + t * 1.3))
+    step = np.sin(phase + t * 1.3); as_label = lambda c: dict(hair=c, upper=c, lower=c, stripe=c)
+    draw_person(img, person, dx, dy, step); draw_person(lab, dict(person, **as_label(code["person"]), bag_colour=code["bag"]), dx, dy, step)
     if cfg.bad_crop_prob <= u < cfg.bad_crop_prob + cfg.occlusion_prob:
         kind = "occluded"
         if rng.random() < .5:                                  # a passer-by in front
             other = dict(person, upper=rng.uniform(0, 1, 3), lower=rng.uniform(0, 1, 3), stripes=False, bag=False)
-            draw_person(img, other, rng.choice([-1, 1]) * rng.uniform(.2, .45) * w, 0, rng.uniform(-1, 1))
+            ox = rng.choice([-1, 1]) * rng.uniform(.2, .45) * w; ostep = rng.uniform(-1, 1)
+            draw_person(img, other, ox, 0, ostep); draw_person(lab, dict(other, **as_label(code["occluder"])), ox, 0, ostep)
         else:                                                  # an object covering the lower half
-            _box(img, rng.uniform(.35, .6)*h, h, 0, w, rng.uniform(0, 1, 3))
+            top = rng.uniform(.35, .6)*h; _box(img, top, h, 0, w, rng.uniform(0, 1, 3)); _box(lab, top, h, 0, w, code["occluder"])
     _draw_boxes(img, scene["foreground"])                     # the camera's fixed foreground: poles, rails
+    _draw_boxes(lab, [b[:4] + (code["foreground"],) for b in scene["foreground"]])
     img = img * scene["gain"] + rng.normal(0, cfg.noise, img.shape)
-    return (np.clip(img, 0, 1) * 255).astype(np.uint8), kind
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8), kind, lab
 
 # %% ../nbs/01_synth.ipynb #070ebf25
 def _plan(rng, cfg: SynthConfig, pid: int) -> list[tuple[int, int]]:
@@ -136,7 +143,7 @@ def _plan(rng, cfg: SynthConfig, pid: int) -> list[tuple[int, int]]:
 
 def _pid_str(pid: int) -> str: return "00-1" if pid == -1 else f"{pid:04d}"
 
-def _write_split(rng, cfg, root: Path, folder: str, plan, people, scenes, truth, palette) -> tuple[list[str], np.ndarray]:
+def _write_split(rng, cfg, root: Path, folder: str, plan, people, scenes, truth, masks, palette) -> tuple[list[str], np.ndarray]:
     "Render and save every tracklet of `plan`; return the name list and `[first, last, pid, camid]` rows."
     names, rows, counter = [], [], {}
     for pid, cam in plan:
@@ -146,11 +153,13 @@ def _write_split(rng, cfg, root: Path, folder: str, plan, people, scenes, truth,
         (root/folder/_pid_str(pid)).mkdir(parents=True, exist_ok=True)
         first = len(names) + 1
         for f in range(n):
-            img, kind = render_frame(rng, cfg, scenes[cam], person, f, phase)
-            if pid == -1: img, kind = render_frame(rng, cfg, scenes[cam], dict(person, upper=scenes[cam]["base"]), f, phase)[0][:, ::-1], "junk"
+            img, kind, lab = render_frame(rng, cfg, scenes[cam], person, f, phase)
+            if pid == -1:
+                img, _, lab = render_frame(rng, cfg, scenes[cam], dict(person, upper=scenes[cam]["base"]), f, phase)
+                img, lab, kind = img[:, ::-1], lab[:, ::-1], "junk"
             name = f"{_pid_str(pid)}C{cam}T{t_idx:04d}F{f+1:03d}.jpg"
             Image.fromarray(np.ascontiguousarray(img)).save(root/folder/_pid_str(pid)/name, quality=95)
-            names.append(name); truth[name] = kind
+            names.append(name); truth[name] = kind; masks.append(lab)
         rows.append([first, len(names), pid, cam])
     return names, np.array(rows, dtype=np.int64)
 
@@ -162,7 +171,7 @@ def _generate(root: Path, cfg: SynthConfig):
     test_ids = list(range(cfg.n_train_ids + 1, cfg.n_train_ids + cfg.n_test_ids + 1))
     palette = make_palette(rng, cfg)
     people = {pid: make_person(rng, cfg, palette) for pid in train_ids + test_ids}
-    truth = {}
+    truth, masks = {}, []
     train_plan = [x for pid in train_ids for x in _plan(rng, cfg, pid)]
     test_plan = ([(-1, int(c)) for c in rng.integers(1, cfg.cameras + 1, cfg.n_junk_tracklets)]
                  + [(0, int(c)) for c in rng.integers(1, cfg.cameras + 1, cfg.n_distractor_tracklets)]
@@ -170,7 +179,7 @@ def _generate(root: Path, cfg: SynthConfig):
     info = root/"info"; info.mkdir(parents=True)
     for split, plan, var, fname in (("train", train_plan, "track_train_info", "tracks_train_info.mat"),
                                     ("test", test_plan, "track_test_info", "tracks_test_info.mat")):
-        names, rows = _write_split(rng, cfg, root, f"bbox_{split}", plan, people, scenes, truth, palette)
+        names, rows = _write_split(rng, cfg, root, f"bbox_{split}", plan, people, scenes, truth, masks, palette)
         (info/f"{split}_name.txt").write_text("\n".join(names) + "\n")
         scipy.io.savemat(info/fname, {var: rows.astype(np.float64)})   # MARS stores doubles
         if split == "test": test_rows = rows
@@ -179,6 +188,7 @@ def _generate(root: Path, cfg: SynthConfig):
         if pid > 0 and (pid, cam) not in seen: seen.add((pid, cam)); query.append(i + 1)
     scipy.io.savemat(info/"query_IDX.mat", {"query_IDX": np.array(query, dtype=np.float64)[None]})
     (root/"synth_truth.json").write_text(json.dumps(truth))
+    np.savez_compressed(root/"synth_masks.npz", names=np.array(list(truth)), labels=np.stack(masks))
 
 # %% ../nbs/01_synth.ipynb #317c8b61
 def make_synthetic_mars(root, cfg: SynthConfig = SynthConfig()) -> Path:
@@ -190,7 +200,9 @@ def make_synthetic_mars(root, cfg: SynthConfig = SynthConfig()) -> Path:
             diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
             raise DatasetLayoutError(f"{root} holds a synthetic dataset made with other settings {diff} (have, want); "
                                      f"choose another data_root or delete {root}")
-        return root
+        if (root/"synth_masks.npz").is_file(): return root
+        old = root.with_name(f".{root.name}-before-masks")                 # an earlier version's output: made again, same images
+        os.replace(root, old); shutil.rmtree(old)
     if root.exists() and any(root.iterdir()):
         raise DatasetLayoutError(f"{root} exists and is not a synthetic dataset (no synth_config.json); refusing to write into it")
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -203,3 +215,15 @@ def make_synthetic_mars(root, cfg: SynthConfig = SynthConfig()) -> Path:
     finally:
         if tmp.exists(): shutil.rmtree(tmp)
     return root
+
+# %% ../nbs/01_synth.ipynb #3b3bb0df
+def read_truth(root) -> tuple[dict, dict]:
+    "Per-frame ground truth of a synthetic dataset: kinds `{name: 'clean'|'occluded'|'bad_crop'|'junk'}` and label maps `{name: [h, w] uint8}`."
+    root = Path(root); files = root/"synth_truth.json", root/"synth_masks.npz"
+    for f in files:
+        if not f.is_file(): raise DatasetLayoutError(f"{f} is missing: {root} is not a synthetic dataset of this version of stmn "
+                                                     f"(delete it and it is regenerated)")
+    kinds = json.loads(files[0].read_text())
+    with np.load(files[1]) as z: masks = dict(zip(z["names"].tolist(), z["labels"]))
+    if set(masks) != set(kinds): raise DatasetLayoutError(f"{files[1]} and {files[0]} list different frames")
+    return kinds, masks

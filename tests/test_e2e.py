@@ -63,14 +63,22 @@ def test_train_notebook_on_a_supplement_validation_half(root, tmp_path, data_hom
     assert m["params"]["split"] == 1 and m["params"]["trial"] == 2
 
 
-@pytest.mark.parametrize("bad, message", [(dict(M=0), "M=0"), (dict(N=0), "N=0"), (dict(alpha=-0.5), "alpha=-0.5"),
-                                          (dict(L=0), "L=0"), (dict(P=500), "P=500"), (dict(dataset="market"), "dataset="),
-                                          (dict(split=5), "split=5"), (dict(protocol="official"), "protocol='official'")])
-def test_bad_parameters_fail_before_training(root, tmp_path, data_home, bad, message):
+def test_bad_parameters_fail_before_training(root, tmp_path, data_home):
+    "The notebook stops at its parameter check, before any checkpoint (one papermill run; the other cases in-process)."
     with pytest.raises(pm.PapermillExecutionError) as e:
-        run_train(root, tmp_path/"bad", **bad)
-    assert message in str(e.value)
-    assert not (tmp_path/"bad/checkpoint.pt").exists()
+        run_train(root, tmp_path/"bad", M=0)
+    assert "M=0" in str(e.value) and not (tmp_path/"bad/checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("bad, message", [(dict(N=0), "N=0"), (dict(alpha=-0.5), "alpha=-0.5"), (dict(L=0), "L=0"),
+                                          (dict(P=500), "P=500"), (dict(dataset="market"), "dataset="), (dict(split=5), "split=5"),
+                                          (dict(protocol="official"), "protocol='official'"), (dict(model="ste_nvan", L=6), "multiple of 4"),
+                                          (dict(recipe="bot"), "recipe=")])
+def test_bad_parameters_are_named(bad, message):
+    "The train notebook's first cells: resolve_params, then validate_params with the training identity count."
+    params = {**dict(dataset="synth", model="stmn", alpha=.3, seed=0), **TINY, **bad}
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        validate_params(resolve_params(params), 48)
 
 
 def test_missing_or_malformed_mars_folder(tmp_path):
