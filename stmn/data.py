@@ -5,7 +5,6 @@
 # %% ../nbs/00_data.ipynb #cc188fe9
 from __future__ import annotations
 import os, re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 import numpy as np
@@ -89,17 +88,12 @@ def check_counts(ds: VideoDataset, expected: dict) -> list[str]:
 class BadImageError(OSError):
     "One or more frames cannot be decoded; the message names them."
 
-def _image_problem(path: str) -> tuple[str, str] | None:
-    try:
-        with Image.open(path) as im: im.load()
-    except Exception as e: return path, f"{type(e).__name__}: {e}"
-    return None
-
-def decode_check(ds: VideoDataset, bad_images: str = "error", workers: int = 8) -> VideoDataset:
-    "Open every frame of `ds`; raise naming bad files, or with `bad_images='skip'` remove and count them."
+def decode_check(ds: VideoDataset, bad_images: str = "error", workers: int = 8, cache: bool = True) -> VideoDataset:
+    "Open every frame of `ds` (cached: unchanged folders are not decoded again); raise naming bad files, or with `bad_images='skip'` remove and count them."
     if bad_images not in ("error", "skip"): raise ValueError(f"bad_images={bad_images!r}: expected 'error' or 'skip'")
+    from stmn.check import check_frames, check_cache_path                   # the preflight's checker (python -m stmn.check)
     paths = sorted({p for s in (ds.train, ds.query, ds.gallery) for t in s for p in t.frames})
-    with ThreadPoolExecutor(workers) as ex: problems = [p for p in ex.map(_image_problem, paths) if p]
+    problems = sorted(check_frames(paths, check_cache_path(ds.root) if cache and ds.root else None, workers).items())
     if not problems: return ds
     if bad_images == "error":
         raise BadImageError(f"{len(problems)} unreadable image(s) in {ds.name}; pass bad_images='skip' to leave them out:\n  "
@@ -124,9 +118,9 @@ with the info/ folder of its evaluation kit, https://github.com/liangzheng06/MAR
 class DatasetLayoutError(ValueError):
     "A dataset folder is missing or does not have the expected layout; the message names file and layout."
 
-def layout_error(problem: str, layout: str, root) -> DatasetLayoutError:
-    "A `DatasetLayoutError` whose message is `problem` followed by the expected `layout` under `root`."
-    return DatasetLayoutError(f"{problem}\n" + layout.format(root=root))
+def layout_error(problem: str, layout: str, root, problems: list | None = None) -> DatasetLayoutError:
+    "A `DatasetLayoutError` whose message is `problem` then the expected `layout` under `root`; `.problems` lists every problem."
+    e = DatasetLayoutError(f"{problem}\n" + layout.format(root=root)); e.problems = problems or [problem]; return e
 
 _MARS_NAME = re.compile(r"^(\d{4}|00-1)C(\d)T(\d{4})F(\d{3,})\.jpg$")
 
@@ -171,8 +165,9 @@ def read_mars_split(root, names: list[str], info: np.ndarray, folder: str, info_
         missing = [p for p in (paths[0], paths[-1]) if verify != "none" and not os.path.isfile(p)]
         if missing: problems.append(f"info/{info_file} row {row+1}: missing image {missing[0]}")
         out.append(Tracklet(paths, int(pid), int(cam)))
-        if len(problems) >= 20: break
-    if problems: raise layout_error(f"{len(problems)} problem(s) in {root}:\n  " + "\n  ".join(problems), MARS_LAYOUT, root)
+    if problems: raise layout_error(f"{len(problems)} problem(s) in {root}:\n  " + "\n  ".join(problems[:20])
+                                    + (f"\n  … and {len(problems) - 20} more (python -m stmn.check lists them all)" if len(problems) > 20 else ""),
+                                    MARS_LAYOUT, root, problems)
     return out
 
 # %% ../nbs/00_data.ipynb #1ba827ed

@@ -34,10 +34,12 @@ def load_backbone(name: str, pretrained: bool | str = False) -> torchvision.mode
     if pretrained is False or pretrained is None or pretrained == "": return model
     if pretrained is True:
         if weights is None: raise ValueError(f"pretrained=True: there are no ImageNet weights for {name}; use pretrained=False")
-        try: state = torchvision.models.get_weight(weights).get_state_dict(progress=False)
+        w = torchvision.models.get_weight(weights)                          # the network is used only if the file is not cached
+        try: state = w.get_state_dict(progress=False)
         except Exception as e:
-            raise RuntimeError(f"pretrained=True: could not get torchvision's {weights} ({type(e).__name__}: {e}). "
-                               f"Offline? Pass pretrained='<local {name} .pth file>' or pretrained=False.") from None
+            cached = Path(torch.hub.get_dir())/"checkpoints"/w.url.rsplit("/", 1)[-1]
+            raise RuntimeError(f"pretrained=True: could not get torchvision's {weights} ({type(e).__name__}: {e}). Offline? "
+                               f"Put {w.url} at {cached}, or pass pretrained='<local {name} .pth file>' or pretrained=False.") from None
     else:
         path = Path(pretrained)
         if not path.is_file(): raise FileNotFoundError(f"pretrained={str(pretrained)!r}: no such weights file for {name}")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_learner.ipynb #f65ac05e
 from __future__ import annotations
-import json, os, platform, time
+import json, os, platform, random, time
 from collections import defaultdict
 from pathlib import Path
 import numpy as np
@@ -18,19 +18,20 @@ from .data import DATASETS, PROTOCOLS, VERIFY_MODES
 
 # %% auto #0
 __all__ = ['PAPER_RECIPE', 'RECIPES', 'NAMED_RECIPES', 'MODEL_KINDS', 'MEMORY_PREFIXES', 'ARCH_KEYS', 'resolve_params',
-           'validate_params', 'atomic_write', 'save_json', 'build_model', 'param_groups', 'Learner', 'load_model',
-           'environment_info', 'plot_history']
+           'validate_params', 'previous_path', 'atomic_write', 'save_json', 'build_model', 'param_groups',
+           'CheckpointError', 'Learner', 'load_model', 'environment_info', 'plot_history']
 
 # %% ../nbs/08_learner.ipynb #51001c2a
 PAPER_RECIPE = dict(backbone="resnet50", pretrained=True, height=256, width=128, P=8, K=4, L=6,   # paper §4.1
-                    lr=1e-4, weight_decay=1e-5, epochs=200, lr_step=50, test_sampling="all", erasing=True)
+                    lr=1e-4, weight_decay=1e-5, epochs=200, lr_step=50, test_sampling="all", erasing=True,
+                    verify="decode")                                         # every frame checked before training (cached)
 RECIPES = {
     **{name: PAPER_RECIPE for name in ("mars", "dukev", "lsvid")},        # the paper trains all three alike
     **{name: PAPER_RECIPE for name in ("ilidsvid", "prid2011")},          # not in the paper: its recipe, unchanged
     "synth": dict(backbone="resnet18", pretrained=False, height=64, width=32, P=8, K=2, L=6,    # this project's demo
-                  lr=3e-4, weight_decay=1e-5, epochs=25, lr_step=20, test_sampling="all", erasing=True),
+                  lr=3e-4, weight_decay=1e-5, epochs=25, lr_step=20, test_sampling="all", erasing=True, verify="exists"),
 }
-NAMED_RECIPES = {"ste_nvan": STE_NVAN_RECIPE}     # `recipe="ste_nvan"`: STE-NVAN's own recipe (its authors' run_NL.sh)
+NAMED_RECIPES = {"ste_nvan": {**STE_NVAN_RECIPE, "verify": "decode"}}     # `recipe="ste_nvan"`: STE-NVAN's own recipe (its authors' run_NL.sh)
 MODEL_KINDS = ("stmn", "baseline", "ste_nvan")
 
 def resolve_params(params: dict) -> dict:
@@ -58,6 +59,7 @@ def validate_params(p: dict, n_train_ids: int | None = None):
     need(p.get("nl_scope", "pair") in ("pair", "all"), "nl_scope", "'pair' (STE-NVAN's code) or 'all' (its paper's figure)")
     need(p["test_sampling"] in SAMPLING_MODES, "test_sampling", f"one of {SAMPLING_MODES}")
     need(p.get("workers", 0) >= 0, "workers", "an integer >= 0")
+    need(isinstance(p.get("ckpt_every", 0), int) and p.get("ckpt_every", 0) >= 0, "ckpt_every", "an integer >= 0 (steps between checkpoints; 0: each epoch)")
     need(isinstance(p.get("nproc", 1), int) and p.get("nproc", 1) >= 1, "nproc", "an integer >= 1 (processes for one run)")
     need(p.get("protocol") in (None, "", *PROTOCOLS[p["dataset"]]), "protocol", f"'' (the dataset's default) or one of {PROTOCOLS[p['dataset']]}")
     splits = range(10) if p["dataset"] in ("ilidsvid", "prid2011") else (0, 1)
@@ -69,13 +71,25 @@ def validate_params(p: dict, n_train_ids: int | None = None):
         raise ValueError(f"P={p['P']}: more identities per batch than the {n_train_ids} training identities of the dataset")
 
 # %% ../nbs/08_learner.ipynb #a33c19ea
-def atomic_write(path, write) -> Path:
-    "Call `write(file)` on a temporary file beside `path`, fsync, and rename it to `path`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def previous_path(path) -> Path:
+    "Where `atomic_write(..., keep_previous=True)` keeps the file it replaces: `x.pt` → `x.prev.pt`."
+    path = Path(path); return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+def _fsync_dir(folder):
+    try: fd = os.open(folder, os.O_RDONLY)
+    except OSError: return                                               # platforms without directory handles
+    try: os.fsync(fd)
+    finally: os.close(fd)
+
+def atomic_write(path, write, keep_previous: bool = False) -> Path:
+    "Call `write(file)` on a temporary file beside `path`, fsync, rename it to `path` (the old file to `previous_path` if asked)."
+    path = Path(path); tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f: write(f); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if keep_previous and path.exists(): os.replace(path, previous_path(path))
+        os.replace(tmp, path); _fsync_dir(path.parent)
+    except OSError as e: raise OSError(f"cannot write {path}: {e.strerror or e}; the previous file, if any, is kept") from e
     finally:
         if tmp.exists(): tmp.unlink()
     return path
@@ -112,8 +126,11 @@ ARCH_KEYS = ("dataset", "model", "backbone", "M", "N", "L", "alpha", "P", "K", "
              "height", "width", "spatial_memory", "temporal_memory", "spread_loss", "memory_lr_mult", "split", "trial",
              "nl_scope", "erasing")
 
+class CheckpointError(RuntimeError):
+    "A checkpoint file cannot be read (truncated, not a checkpoint); the message names it."
+
 class Learner:
-    "Train `model` on `tracklets` with parameters `p`; checkpoint to `out_dir/checkpoint.pt` each epoch."
+    "Train `model` on `tracklets` with parameters `p`; checkpoint to `out_dir/checkpoint.pt` each epoch (and each `ckpt_every` steps)."
     def __init__(self, model: STMN, tracklets, p: dict, out_dir, device="cpu"):
         self.model, self.p, self.out_dir, self.device = model.to(device), p, Path(out_dir), torch.device(device)
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -126,7 +143,11 @@ class Learner:
         self.sampler = PKSampler([t.pid for t in tracklets], p["P"], p["K"], seed=p["seed"], rank=self.rank, world_size=self.world)
         self.opt = torch.optim.Adam(param_groups(model, p["lr"], p.get("memory_lr_mult", 1.)), lr=p["lr"], weight_decay=p["weight_decay"])
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=p["lr_step"], gamma=.1)
-        self.epoch, self.history = 0, []
+        self.epoch, self.step, self.sums, self.step_losses, self.seconds, self.history = 0, 0, {}, [], 0., []
+        if self.rank == 0:                                                   # an unwritable out_dir fails now, not after an epoch
+            try: atomic_write(self.out_dir/".write-test", lambda f: f.write(b"ok")).unlink()
+            except OSError as e: raise OSError(f"out_dir={str(out_dir)!r} is not writable ({e}); choose another folder") from None
+            for stale in self.out_dir.glob(".checkpoint*.tmp"): stale.unlink()  # left by a run killed inside a save
     def loss(self, out: dict, labels: torch.Tensor):
         "The model's training loss and its parts: `ste_nvan_loss` for STE-NVAN, `stmn_loss` otherwise."
         if isinstance(self.model, STENVAN): return ste_nvan_loss(out, labels)
@@ -136,52 +157,78 @@ class Learner:
 
 # %% ../nbs/08_learner.ipynb #bf5f4948
 def _save(self, path=None) -> Path:
-    "Atomically write model, optimizer, scheduler, epoch, history and parameters (rank 0 only under DDP)."
+    "Atomically write all a resume needs (rank 0 only under DDP); refuses non-finite weights, keeping the last good file."
     if self.rank != 0: return self.checkpoint_path
-    state = dict(model=self.model.state_dict(), opt=self.opt.state_dict(), sched=self.sched.state_dict(), epoch=self.epoch,
-                 history=self.history, params={k: self.p.get(k) for k in ARCH_KEYS}, torch_rng=torch.get_rng_state())
-    return atomic_write(path or self.checkpoint_path, lambda f: torch.save(state, f))
+    bad = [k for k, v in self.model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad: raise FloatingPointError(f"non-finite weights ({', '.join(bad[:3])}) at epoch {self.epoch + 1}, step {self.step}: "
+                                     f"not saved; {self.checkpoint_path} keeps the last good state")
+    self.step_losses = [float(x) for x in self.step_losses]                # one host sync per checkpoint, not per step
+    np_rng = np.random.get_state()
+    state = dict(model=self.model.state_dict(), opt=self.opt.state_dict(), sched=self.sched.state_dict(), epoch=self.epoch, step=self.step,
+                 sums={k: float(v) for k, v in self.sums.items()}, step_losses=self.step_losses, seconds=self.seconds, history=self.history,
+                 params={k: self.p.get(k) for k in ARCH_KEYS}, rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
+                 numpy=(np_rng[0], torch.from_numpy(np_rng[1].astype(np.int64)), *np_rng[2:])))
+    return atomic_write(path or self.checkpoint_path, lambda f: torch.save(state, f), keep_previous=path is None)
 
 def _load(self, path):
-    "Continue from checkpoint `path`; refuses one made with other parameters."
+    "Continue from checkpoint `path`; a file that cannot be read, or one made with other parameters, is an error naming it."
     path = Path(path)
     try: state = torch.load(path, map_location=self.device, weights_only=True)
-    except Exception as e: raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
+    except Exception as e: raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {e})") from None
     diff = {k: (v, self.p.get(k)) for k, v in state["params"].items() if v != self.p.get(k)}
     if diff: raise ValueError(f"checkpoint {path} was made with other parameters {diff} (checkpoint, now); use another out_dir or resume=''")
     self.model.load_state_dict(state["model"]); self.opt.load_state_dict(state["opt"]); self.sched.load_state_dict(state["sched"])
-    self.epoch, self.history = state["epoch"], state["history"]; torch.set_rng_state(state["torch_rng"])
+    self.epoch, self.history, self.step = state["epoch"], state["history"], state.get("step", 0)
+    self.sums, self.step_losses, self.seconds = state.get("sums", {}), state.get("step_losses", []), state.get("seconds", 0.)
+    rng = state.get("rng", {"torch": state.get("torch_rng")})
+    torch.set_rng_state(rng["torch"])
+    if "python" in rng: random.setstate(rng["python"]); np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))
     return self
 
-Learner.save, Learner.load = _save, _load
+def _resume(self, resume: str = "auto"):
+    "Load what `resume` names: '' nothing, a path (must be readable), 'auto' out_dir's newest readable checkpoint."
+    if not resume: return self
+    if resume != "auto": return self.load(resume)
+    found = [c for c in (self.checkpoint_path, previous_path(self.checkpoint_path)) if c.exists()]
+    for c in found:
+        try: return self.load(c)
+        except CheckpointError as e: print(f"warning: {e}; trying the one before it")
+    if found: raise CheckpointError(f"no readable checkpoint in {self.out_dir} ({', '.join(c.name for c in found)}); resume='' starts afresh")
+    return self
+
+Learner.save, Learner.load, Learner.resume = _save, _load, _resume
 
 # %% ../nbs/08_learner.ipynb #d4ed4544
 def _fit(self, epochs: int, resume: str = "auto", progress: bool = True) -> list:
-    "Train until `epochs`; `resume`: 'auto' (out_dir's checkpoint if any), a path, or '' (fresh). Returns the history."
-    ckpt = self.checkpoint_path if resume == "auto" else (Path(resume) if resume else None)
-    if ckpt is not None and (ckpt.exists() or resume != "auto"): self.load(ckpt)
-    steps = len(self.sampler)
-    bar = tqdm(total=epochs * steps, initial=self.epoch * steps, disable=not progress, desc="training", mininterval=5)
+    "Train until `epochs`; `resume`: 'auto' (out_dir's newest readable checkpoint), a path, or '' (fresh). Returns the history."
+    self.resume(resume)
+    steps, every = len(self.sampler), self.p.get("ckpt_every") or 0
+    bar = tqdm(total=epochs * steps, initial=self.epoch * steps + self.step, disable=not progress, desc="training", mininterval=5)
     while self.epoch < epochs:
-        self.net.train(); self.sampler.set_epoch(self.epoch); t0 = time.time(); sums = defaultdict(float)
-        loader = torch.utils.data.DataLoader(self.data, batch_sampler=self.sampler, num_workers=self.p.get("workers", 0))
+        self.net.train(); t0 = time.time() - self.seconds
+        batches = self.sampler.batches(self.epoch)[self.step:]               # a resumed epoch skips the steps already taken
+        loader = torch.utils.data.DataLoader(self.data, batch_sampler=batches, num_workers=self.p.get("workers", 0))
         for clips, labels, _ in loader:
             out = self.net(clips.to(self.device, non_blocking=True))
             loss, parts = self.loss(out, labels.to(self.device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at epoch {self.epoch + 1}, step {self.step + 1}: " + ", ".join(
+                    f"{k} {float(v):.4g}" for k, v in parts.items()) + f"; stopped, {self.checkpoint_path} keeps the last good state")
             self.opt.zero_grad(set_to_none=True); loss.backward(); self.opt.step()
-            for k, v in parts.items(): sums[k] += v
-            sums["loss"] += loss.detach(); bar.update(1)
+            for k, v in {**parts, "loss": loss.detach()}.items(): self.sums[k] = self.sums.get(k, 0.) + v
+            self.step_losses.append(loss.detach()); self.step += 1; bar.update(1)
+            if every and self.step % every == 0 and self.step < steps: self.seconds = time.time() - t0; self.save()
         self.history.append(dict(epoch=self.epoch + 1, lr=self.opt.param_groups[0]["lr"], seconds=time.time() - t0,
-                                 **{k: float(v) / steps for k, v in sums.items()}))
+                                 **{k: float(v) / steps for k, v in self.sums.items()}))
         bar.set_postfix(loss=f"{self.history[-1]['loss']:.3f}")
-        self.sched.step(); self.epoch += 1; self.save()
+        self.sched.step(); self.epoch += 1; self.step, self.sums, self.seconds = 0, {}, 0.; self.save()
         if self.world > 1: torch.distributed.barrier()                    # every rank sees the saved checkpoint
     bar.close()
     return self.history
 
 Learner.fit = _fit
 
-# %% ../nbs/08_learner.ipynb #c16d7052
+# %% ../nbs/08_learner.ipynb #758424d3
 def load_model(path, device="cpu") -> tuple[STMN, dict]:
     "The model stored in checkpoint `path`, in eval mode on `device`, and the parameters it was trained with."
     path = Path(path)
@@ -194,7 +241,7 @@ def load_model(path, device="cpu") -> tuple[STMN, dict]:
     model.load_state_dict(state["model"])
     return model.to(device).eval(), p
 
-# %% ../nbs/08_learner.ipynb #98ff4060
+# %% ../nbs/08_learner.ipynb #a554d751
 def environment_info(device) -> dict:
     "Versions and device, for every results file."
     import torchvision, scipy, stmn
