@@ -10,7 +10,7 @@ from stmn.evaluation import evaluate_model
 from stmn.learner import Learner, build_model, resolve_params, validate_params
 from stmn.synth import SynthConfig, make_synthetic_mars
 
-TINY = dict(epochs=1, P=4, K=2, L=4, M=3, N=2, height=32, width=16, test_sampling="rrs", device="cpu")
+TINY = dict(epochs=1, P=4, K=2, L=4, M=3, N=2, height=32, width=16, test_sampling="rrs", device="cpu", backbone="resnet10")
 
 
 def test_library_end_to_end(tmp_path):
