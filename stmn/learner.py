@@ -5,7 +5,6 @@
 # %% ../nbs/08_learner.ipynb #f65ac05e
 from __future__ import annotations
 import json, os, platform, random, time
-from collections import defaultdict
 from pathlib import Path
 import numpy as np
 import torch
@@ -159,12 +158,13 @@ class Learner:
 def _save(self, path=None) -> Path:
     "Atomically write all a resume needs (rank 0 only under DDP); refuses non-finite weights, keeping the last good file."
     if self.rank != 0: return self.checkpoint_path
-    bad = [k for k, v in self.model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    weights = self.model.state_dict()
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad: raise FloatingPointError(f"non-finite weights ({', '.join(bad[:3])}) at epoch {self.epoch + 1}, step {self.step}: "
                                      f"not saved; {self.checkpoint_path} keeps the last good state")
     self.step_losses = [float(x) for x in self.step_losses]                # one host sync per checkpoint, not per step
     np_rng = np.random.get_state()
-    state = dict(model=self.model.state_dict(), opt=self.opt.state_dict(), sched=self.sched.state_dict(), epoch=self.epoch, step=self.step,
+    state = dict(model=weights, opt=self.opt.state_dict(), sched=self.sched.state_dict(), epoch=self.epoch, step=self.step,
                  sums={k: float(v) for k, v in self.sums.items()}, step_losses=self.step_losses, seconds=self.seconds, history=self.history,
                  params={k: self.p.get(k) for k in ARCH_KEYS}, rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
                  numpy=(np_rng[0], torch.from_numpy(np_rng[1].astype(np.int64)), *np_rng[2:])))
