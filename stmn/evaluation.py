@@ -132,24 +132,27 @@ def random_case(rng: np.random.Generator, ties: bool):
 # %% ../nbs/07_evaluation.ipynb #6066a86c
 @torch.no_grad()
 def extract_features(model, tracklets, L: int, height: int, width: int, mode: str = "all",
-                     batch_size: int = 32, device="cpu", workers: int = 0, maps: bool = False):
+                     batch_size: int = 32, device="cpu", workers: int = 0, maps: bool = False, amp: str | None = None):
     "Descriptors BN_t(f^st) `[T, D]` of `tracklets` averaged over clips (and flips in 'all' mode); with `maps`, also per-clip maps."
-    was_training = model.training; model.eval()
+    was_training = model.training; model.eval(); dev = torch.device(device)
+    bf16 = (amp or ("bf16" if dev.type == "cuda" else "fp32")) == "bf16"
     clips = TestClips(tracklets, L, height, width, mode)
-    loader = torch.utils.data.DataLoader(clips, batch_size=batch_size, num_workers=workers)
-    total, count, out_maps = None, torch.zeros(len(tracklets)), []
+    loader = torch.utils.data.DataLoader(clips, batch_size=batch_size, num_workers=workers, pin_memory=dev.type == "cuda")
+    total, count, out_maps = None, torch.zeros(len(tracklets), device=dev), []
     for x, idx in loader:                                                   # x: [b, L, 3, H, W]
-        x = x.to(device)
-        feats = model.forward_features(x)
-        f = model.forward_head(feats, pre_logits=True).float()
-        if mode == "all": f = f + model(x.flip(-1)).float()              # horizontal flip of every frame
-        if total is None: total = torch.zeros(len(tracklets), f.shape[1])
-        total.index_add_(0, idx, f.cpu()); count.index_add_(0, idx, torch.full((len(idx),), 2. if mode == "all" else 1.))
+        x, idx = x.to(dev, non_blocking=True), idx.to(dev, non_blocking=True)
+        with torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
+            feats = model.forward_features(x)
+            f = model.forward_head(feats, pre_logits=True).float()
+            if mode == "all": f = f + model(x.flip(-1)).float()          # horizontal flip of every frame
+        if total is None: total = torch.zeros(len(tracklets), f.shape[1], device=dev)
+        total.index_add_(0, idx, f); count.index_add_(0, idx, torch.full((len(idx),), 2. if mode == "all" else 1., device=dev))
         if maps: out_maps.append(_clip_maps(feats, len(x), L))
     model.train(was_training)
-    if not maps: return total / count[:, None]
+    total = (total / count[:, None]).cpu()                                  # [T, D]: the one copy back
+    if not maps: return total
     cat = {k: torch.cat([m[k] for m in out_maps]) if out_maps[0][k] is not None else None for k in out_maps[0]}
-    return total / count[:, None], dict(cat, tracklet=torch.tensor([i for i, _ in clips.clips]), frames=[c for _, c in clips.clips])
+    return total, dict(cat, tracklet=torch.tensor([i for i, _ in clips.clips]), frames=[c for _, c in clips.clips])
 
 def _clip_maps(feats: dict, B: int, L: int) -> dict:
     p_s = feats["p_s"]

@@ -5,6 +5,7 @@
 # %% ../nbs/08_learner.ipynb #f65ac05e
 from __future__ import annotations
 import json, os, platform, random, time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np
 import torch
@@ -16,9 +17,10 @@ from .ste_nvan import STENVAN, STENVANConfig, ste_nvan_loss, STE_NVAN_RECIPE
 from .data import DATASETS, PROTOCOLS, VERIFY_MODES
 
 # %% auto #0
-__all__ = ['PAPER_RECIPE', 'RECIPES', 'NAMED_RECIPES', 'MODEL_KINDS', 'MEMORY_PREFIXES', 'ARCH_KEYS', 'resolve_params',
-           'validate_params', 'previous_path', 'atomic_write', 'save_json', 'build_model', 'param_groups',
-           'CheckpointError', 'Learner', 'load_model', 'environment_info', 'plot_history']
+__all__ = ['PAPER_RECIPE', 'RECIPES', 'NAMED_RECIPES', 'MODEL_KINDS', 'AMP_MODES', 'MEMORY_PREFIXES', 'ARCH_KEYS',
+           'resolve_params', 'validate_params', 'previous_path', 'atomic_write', 'save_json', 'build_model',
+           'auto_workers', 'speed_settings', 'param_groups', 'CheckpointError', 'Learner', 'EpochBatches', 'load_model',
+           'environment_info', 'plot_history']
 
 # %% ../nbs/08_learner.ipynb #51001c2a
 PAPER_RECIPE = dict(backbone="resnet50", pretrained=True, height=256, width=128, P=8, K=4, L=6,   # paper §4.1
@@ -32,6 +34,7 @@ RECIPES = {
 }
 NAMED_RECIPES = {"ste_nvan": {**STE_NVAN_RECIPE, "verify": "decode"}}     # `recipe="ste_nvan"`: STE-NVAN's own recipe (its authors' run_NL.sh)
 MODEL_KINDS = ("stmn", "baseline", "ste_nvan")
+AMP_MODES = ("bf16", "fp32")                                              # training precision: bf16 autocast or plain fp32
 
 def resolve_params(params: dict) -> dict:
     "Copy of `params` with every `None` filled from the named `recipe` if given, else the recipe of `params['dataset']`."
@@ -57,7 +60,9 @@ def validate_params(p: dict, n_train_ids: int | None = None):
     need(p["model"] != "ste_nvan" or p["L"] % 4 == 0, "L", "a multiple of 4 for model='ste_nvan' (two pairwise frame merges)")
     need(p.get("nl_scope", "pair") in ("pair", "all"), "nl_scope", "'pair' (STE-NVAN's code) or 'all' (its paper's figure)")
     need(p["test_sampling"] in SAMPLING_MODES, "test_sampling", f"one of {SAMPLING_MODES}")
-    need(p.get("workers", 0) >= 0, "workers", "an integer >= 0")
+    need(p.get("workers") in (None, -1) or isinstance(p["workers"], int) and p["workers"] >= 0, "workers", "an integer >= 0, or -1 (from the core count)")
+    need(p.get("amp") in (None, "", *AMP_MODES), "amp", f"'' (bf16 on CUDA, fp32 on CPU) or one of {AMP_MODES}")
+    need(p.get("channels_last") in (None, "", True, False), "channels_last", "True, False or None (True on CUDA)")
     need(isinstance(p.get("ckpt_every", 0), int) and p.get("ckpt_every", 0) >= 0, "ckpt_every", "an integer >= 0 (steps between checkpoints; 0: each epoch)")
     need(isinstance(p.get("nproc", 1), int) and p.get("nproc", 1) >= 1, "nproc", "an integer >= 1 (processes for one run)")
     need(p.get("protocol") in (None, "", *PROTOCOLS[p["dataset"]]), "protocol", f"'' (the dataset's default) or one of {PROTOCOLS[p['dataset']]}")
@@ -110,7 +115,22 @@ def build_model(p: dict, num_classes: int) -> STMN | STENVAN:
                            alpha=p["alpha"], spatial_memory=on("spatial_memory"), temporal_memory=on("temporal_memory"),
                            spread_loss=on("spread_loss")))
 
-# %% ../nbs/08_learner.ipynb #8a676c10
+# %% ../nbs/08_learner.ipynb #b13949bc
+def auto_workers(device_type: str) -> int:
+    "Data-loader processes for training on `device_type`: 0 on CPU, else cores per GPU − 1 (1 to 12)."
+    if device_type != "cuda": return 0
+    per_gpu = (os.cpu_count() or 2) // max(1, torch.cuda.device_count())
+    return max(1, min(12, per_gpu - 1))
+
+def speed_settings(p: dict, device) -> dict:
+    "`amp`, `channels_last`, `compile`, `workers`, `async_save` of `p` with unset ones (None, '' or −1) resolved for `device`."
+    dev = torch.device(device).type
+    on_gpu = lambda k: dev == "cuda" if p.get(k) in (None, "") else bool(p[k])
+    w = p.get("workers")
+    return dict(amp=p.get("amp") or ("bf16" if dev == "cuda" else "fp32"), channels_last=on_gpu("channels_last"),
+                compile=bool(p.get("compile")), workers=auto_workers(dev) if w in (None, -1) else w, async_save=on_gpu("async_save"))
+
+# %% ../nbs/08_learner.ipynb #bf5f4948
 MEMORY_PREFIXES = ("spatial_memory.", "temporal_memory.")
 
 def param_groups(model, lr: float, memory_lr_mult: float = 1.) -> list[dict]:
@@ -120,7 +140,7 @@ def param_groups(model, lr: float, memory_lr_mult: float = 1.) -> list[dict]:
     groups = [dict(params=[w for n, w in named if not n.startswith(MEMORY_PREFIXES)], lr=lr)]
     return groups + ([dict(params=mem, lr=lr * memory_lr_mult)] if mem else [])
 
-# %% ../nbs/08_learner.ipynb #f1e65195
+# %% ../nbs/08_learner.ipynb #73f13f1b
 ARCH_KEYS = ("dataset", "model", "backbone", "M", "N", "L", "alpha", "P", "K", "lr", "weight_decay", "lr_step", "seed",
              "height", "width", "spatial_memory", "temporal_memory", "spread_loss", "memory_lr_mult", "split", "trial",
              "nl_scope", "erasing")
@@ -138,9 +158,15 @@ class Learner:
             if self.device.type != "cuda": raise ValueError("sync_bn=True: SyncBatchNorm needs CUDA devices (it refuses CPU modules)")
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None) if dist else self.model
+        self.speed = speed_settings(p, device)
+        if self.speed["channels_last"]: self.model.to(memory_format=torch.channels_last)   # conv weights NHWC: cuDNN follows
+        self.fwd = torch.compile(self.net) if self.speed["compile"] else self.net
         self.data = TrainClips(tracklets, p["L"], p["height"], p["width"], erase=.5 if p.get("erasing", True) else 0.)
+        self.batches, self._loader, self.pending, self._writing = EpochBatches(), None, [], None
+        self._saver = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if self.speed["async_save"] else None
         self.sampler = PKSampler([t.pid for t in tracklets], p["P"], p["K"], seed=p["seed"], rank=self.rank, world_size=self.world)
-        self.opt = torch.optim.Adam(param_groups(model, p["lr"], p.get("memory_lr_mult", 1.)), lr=p["lr"], weight_decay=p["weight_decay"])
+        self.opt = torch.optim.Adam(param_groups(model, p["lr"], p.get("memory_lr_mult", 1.)), lr=p["lr"], weight_decay=p["weight_decay"],
+                                    fused=True if self.device.type == "cuda" else None)   # one fused kernel for all parameters
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=p["lr_step"], gamma=.1)
         self.epoch, self.step, self.sums, self.step_losses, self.seconds, self.history = 0, 0, {}, [], 0., []
         if self.rank == 0:                                                   # an unwritable out_dir fails now, not after an epoch
@@ -153,22 +179,55 @@ class Learner:
         return stmn_loss(out, labels, self.p["alpha"], self.model.cfg.spread_loss, self.model.cfg.spread_chunks)
     @property
     def checkpoint_path(self) -> Path: return self.out_dir/"checkpoint.pt"
+    @property
+    def loader(self) -> torch.utils.data.DataLoader:
+        "One loader for the whole run (workers persist across epochs), reading the epoch's batches from `self.batches`."
+        if self._loader is None:
+            w = self.speed["workers"]
+            self._loader = torch.utils.data.DataLoader(self.data, batch_sampler=self.batches, num_workers=w, persistent_workers=w > 0,
+                                                       pin_memory=self.device.type == "cuda", prefetch_factor=4 if w else None)
+        return self._loader
 
-# %% ../nbs/08_learner.ipynb #bf5f4948
+class EpochBatches:
+    "A batch sampler whose batches are set before each pass (`.items`), so one DataLoader serves every epoch."
+    def __init__(self): self.items = []
+    def __iter__(self): return iter(self.items)
+    def __len__(self): return len(self.items)
+
+# %% ../nbs/08_learner.ipynb #dd7e63d0
+def _host(x, copy: bool):
+    "`x` (tensors in nested dicts/lists) on the CPU; `copy` also copies CPU tensors, so later steps cannot change them."
+    if isinstance(x, torch.Tensor): return x.detach().to("cpu", copy=copy)
+    if isinstance(x, dict): return {k: _host(v, copy) for k, v in x.items()}
+    if isinstance(x, (list, tuple)): return type(x)(_host(v, copy) for v in x)
+    return x
+
 def _save(self, path=None) -> Path:
     "Atomically write all a resume needs (rank 0 only under DDP); refuses non-finite weights, keeping the last good file."
+    self.check_finite()
     if self.rank != 0: return self.checkpoint_path
-    weights = self.model.state_dict()
+    self.wait_saved()                                                     # one write in flight at most; its error surfaces here
+    snap = self._saver is not None                                        # background write: snapshot now, write later
+    weights = _host(self.model.state_dict(), snap)
     bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad: raise FloatingPointError(f"non-finite weights ({', '.join(bad[:3])}) at epoch {self.epoch + 1}, step {self.step}: "
                                      f"not saved; {self.checkpoint_path} keeps the last good state")
     self.step_losses = [float(x) for x in self.step_losses]                # one host sync per checkpoint, not per step
     np_rng = np.random.get_state()
-    state = dict(model=weights, opt=self.opt.state_dict(), sched=self.sched.state_dict(), epoch=self.epoch, step=self.step,
-                 sums={k: float(v) for k, v in self.sums.items()}, step_losses=self.step_losses, seconds=self.seconds, history=self.history,
+    state = dict(model=weights, opt=_host(self.opt.state_dict(), snap), sched=self.sched.state_dict(), epoch=self.epoch, step=self.step,
+                 sums={k: float(v) for k, v in self.sums.items()}, step_losses=list(self.step_losses), seconds=self.seconds, history=list(self.history),
                  params={k: self.p.get(k) for k in ARCH_KEYS}, rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
                  numpy=(np_rng[0], torch.from_numpy(np_rng[1].astype(np.int64)), *np_rng[2:])))
-    return atomic_write(path or self.checkpoint_path, lambda f: torch.save(state, f), keep_previous=path is None)
+    write = lambda: atomic_write(path or self.checkpoint_path, lambda f: torch.save(state, f), keep_previous=path is None)
+    if not snap: return write()
+    self._writing = self._saver.submit(write)
+    if self.world > 1: self.wait_saved()                                  # other ranks read it after the barrier
+    return path or self.checkpoint_path
+
+def _wait_saved(self):
+    "Block until the checkpoint being written in the background is on disk; re-raise its error if it failed."
+    f, self._writing = self._writing, None
+    if f is not None: f.result()
 
 def _load(self, path):
     "Continue from checkpoint `path`; a file that cannot be read, or one made with other parameters, is an error naming it."
@@ -196,9 +255,19 @@ def _resume(self, resume: str = "auto"):
     if found: raise CheckpointError(f"no readable checkpoint in {self.out_dir} ({', '.join(c.name for c in found)}); resume='' starts afresh")
     return self
 
-Learner.save, Learner.load, Learner.resume = _save, _load, _resume
+def _check_finite(self):
+    "Raise naming the first step since the last check whose loss is not finite: one host sync per check, none per step."
+    if not self.pending: return
+    ok = torch.isfinite(torch.stack([loss for *_, loss, _ in self.pending]))
+    pending, self.pending = self.pending, []                              # reported once
+    if not ok.all():
+        epoch, step, _, parts = pending[int((~ok).nonzero()[0, 0])]
+        raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {step}: " + ", ".join(f"{k} {float(v):.4g}" for k, v in parts.items())
+                                 + f"; stopped, {self.checkpoint_path} keeps the last good state")
 
-# %% ../nbs/08_learner.ipynb #d4ed4544
+Learner.save, Learner.load, Learner.resume, Learner.check_finite, Learner.wait_saved = _save, _load, _resume, _check_finite, _wait_saved
+
+# %% ../nbs/08_learner.ipynb #6794cdf4
 def _fit(self, epochs: int, resume: str = "auto", progress: bool = True) -> list:
     "Train until `epochs`; `resume`: 'auto' (out_dir's newest readable checkpoint), a path, or '' (fresh). Returns the history."
     self.resume(resume)
@@ -206,29 +275,33 @@ def _fit(self, epochs: int, resume: str = "auto", progress: bool = True) -> list
     bar = tqdm(total=epochs * steps, initial=self.epoch * steps + self.step, disable=not progress, desc="training", mininterval=5)
     while self.epoch < epochs:
         self.net.train(); t0 = time.time() - self.seconds
-        batches = self.sampler.batches(self.epoch)[self.step:]               # a resumed epoch skips the steps already taken
-        loader = torch.utils.data.DataLoader(self.data, batch_sampler=batches, num_workers=self.p.get("workers", 0))
-        for clips, labels, _ in loader:
-            out = self.net(clips.to(self.device, non_blocking=True))
-            loss, parts = self.loss(out, labels.to(self.device))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at epoch {self.epoch + 1}, step {self.step + 1}: " + ", ".join(
-                    f"{k} {float(v):.4g}" for k, v in parts.items()) + f"; stopped, {self.checkpoint_path} keeps the last good state")
-            self.opt.zero_grad(set_to_none=True); loss.backward(); self.opt.step()
-            for k, v in {**parts, "loss": loss.detach()}.items(): self.sums[k] = self.sums.get(k, 0.) + v
-            self.step_losses.append(loss.detach()); self.step += 1; bar.update(1)
+        self.batches.items = self.sampler.batches(self.epoch)[self.step:]    # a resumed epoch skips the steps already taken
+        for clips, labels, _ in self.loader:
+            loss, parts = self.train_step(clips, labels); self.step += 1; bar.update(1)   # no host sync: checked every 50 steps
+            for k, v in {**parts, "loss": loss}.items(): self.sums[k] = self.sums.get(k, 0.) + v
+            self.step_losses.append(loss); self.pending.append((self.epoch + 1, self.step, loss, parts))
+            if len(self.pending) >= 50: self.check_finite()
             if every and self.step % every == 0 and self.step < steps: self.seconds = time.time() - t0; self.save()
+        self.check_finite()
         self.history.append(dict(epoch=self.epoch + 1, lr=self.opt.param_groups[0]["lr"], seconds=time.time() - t0,
                                  **{k: float(v) / steps for k, v in self.sums.items()}))
         bar.set_postfix(loss=f"{self.history[-1]['loss']:.3f}")
         self.sched.step(); self.epoch += 1; self.step, self.sums, self.seconds = 0, {}, 0.; self.save()
         if self.world > 1: torch.distributed.barrier()                    # every rank sees the saved checkpoint
-    bar.close()
+    bar.close(); self.wait_saved()
     return self.history
 
-Learner.fit = _fit
+def _train_step(self, clips: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    "One step on clips `[B, L, 3, H, W]`: forward and loss at the run's precision, backward, Adam. Detached loss and parts; no host sync."
+    with torch.autocast(self.device.type, torch.bfloat16, enabled=self.speed["amp"] == "bf16"):
+        out = self.fwd(clips.to(self.device, non_blocking=True))
+        loss, parts = self.loss(out, labels.to(self.device, non_blocking=True))
+    self.opt.zero_grad(set_to_none=True); loss.backward(); self.opt.step()
+    return loss.detach(), parts
 
-# %% ../nbs/08_learner.ipynb #758424d3
+Learner.fit, Learner.train_step = _fit, _train_step
+
+# %% ../nbs/08_learner.ipynb #a554d751
 def load_model(path, device="cpu") -> tuple[STMN, dict]:
     "The model stored in checkpoint `path`, in eval mode on `device`, and the parameters it was trained with."
     path = Path(path)
@@ -241,7 +314,7 @@ def load_model(path, device="cpu") -> tuple[STMN, dict]:
     model.load_state_dict(state["model"])
     return model.to(device).eval(), p
 
-# %% ../nbs/08_learner.ipynb #a554d751
+# %% ../nbs/08_learner.ipynb #849330eb
 def environment_info(device) -> dict:
     "Versions and device, for every results file."
     import torchvision, scipy, stmn

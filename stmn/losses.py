@@ -14,8 +14,9 @@ __all__ = ['pairwise_euclidean', 'batch_hard_triplet', 'stmn_loss']
 # %% ../nbs/05_losses.ipynb #6bc46153
 def pairwise_euclidean(x: torch.Tensor) -> torch.Tensor:
     "Euclidean distances `[B, B]` between rows of `[B, D]`, in fp32, safe to differentiate at 0."
-    x = x.float(); sq = (x * x).sum(1)
-    return (sq[:, None] + sq[None] - 2 * x @ x.t()).clamp_min(1e-12).sqrt()
+    with torch.autocast("cuda" if x.is_cuda else "cpu", enabled=False):     # a bf16 Gram matrix loses the margins
+        x = x.float(); sq = (x * x).sum(1)
+        return (sq[:, None] + sq[None] - 2 * x @ x.t()).clamp_min(1e-12).sqrt()
 
 def batch_hard_triplet(feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     "Mean over anchors of softplus(max positive distance − min negative distance); feats `[B, D]`."
