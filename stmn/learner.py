@@ -20,7 +20,7 @@ from .data import DATASETS, PROTOCOLS, VERIFY_MODES
 __all__ = ['PAPER_RECIPE', 'RECIPES', 'NAMED_RECIPES', 'MODEL_KINDS', 'AMP_MODES', 'MEMORY_PREFIXES', 'ARCH_KEYS',
            'resolve_params', 'validate_params', 'previous_path', 'atomic_write', 'save_json', 'build_model',
            'auto_workers', 'speed_settings', 'param_groups', 'CheckpointError', 'Learner', 'EpochBatches', 'load_model',
-           'environment_info', 'plot_history']
+           'cpu_name', 'environment_info', 'plot_history']
 
 # %% ../nbs/08_learner.ipynb #51001c2a
 PAPER_RECIPE = dict(backbone="resnet50", pretrained=True, height=256, width=128, P=8, K=4, L=6,   # paper §4.1
@@ -315,13 +315,18 @@ def load_model(path, device="cpu") -> tuple[STMN, dict]:
     return model.to(device).eval(), p
 
 # %% ../nbs/08_learner.ipynb #849330eb
+def cpu_name() -> str:
+    "The CPU's model name (from /proc/cpuinfo on Linux), else what `platform` knows, else 'cpu'."
+    try: return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")) + " (CPU)"
+    except (OSError, StopIteration): return (platform.processor() or "cpu") + " (CPU)"
+
 def environment_info(device) -> dict:
     "Versions and device, for every results file."
     import torchvision, scipy, stmn
     d = torch.device(device)
     return dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__, numpy=np.__version__,
                 scipy=scipy.__version__, stmn=stmn.__version__, platform=platform.platform(),
-                device=torch.cuda.get_device_name(d) if d.type == "cuda" else platform.processor() or "cpu",
+                device=torch.cuda.get_device_name(d) if d.type == "cuda" else cpu_name(),
                 threads=torch.get_num_threads())
 
 def plot_history(history: list, path=None):
