@@ -7,10 +7,10 @@ here, its modules are imported from there as tests/make_authors_fixture.py does.
 configuration: ResNet-50 (random weights), 256×128, L = 6, M = 10, N = 5, 625 classes, fp32, Adam (lr 1e-4, weight
 decay 1e-5), P × K tracklets. Theirs: `network.STMN` + their `Loss` + both spread terms, as their main.py sums them;
 ours: this project's learner step with their two quirks switched on (`stem_relu=False`, `bnneck_train_weight=True`).
-The steps alternate (theirs, ours, theirs, …) after one warm-up each, so both see the same machine state; the best of
-`--steps` is reported. Prints one JSON line (and writes it to --out).
+The steps alternate (theirs, ours, theirs, …) after one warm-up each, so both see the same machine state; the best
+and the median of `--steps` are reported (on a shared machine single steps vary by ±15 %). Prints one JSON line (and writes it to --out).
 """
-import argparse, json, sys, tempfile, time
+import argparse, json, statistics, sys, tempfile, time
 from pathlib import Path
 import torch
 
@@ -58,9 +58,10 @@ def main(argv=None):
         timed(their_step); timed(learner.train_step)                       # warm-up
         t_theirs, t_ours = [], []
         for _ in range(a.steps): t_theirs.append(timed(their_step)); t_ours.append(timed(learner.train_step))
-    frames = a.P * a.K * 6
+    frames, med = a.P * a.K * 6, statistics.median
     r = dict(device=str(dev), threads=torch.get_num_threads(), P=a.P, K=a.K, frames=frames, authors_step_s=min(t_theirs),
              stmn_step_s=min(t_ours), authors_all=t_theirs, stmn_all=t_ours, speedup=min(t_theirs) / min(t_ours),
+             speedup_median=med(t_theirs) / med(t_ours),
              authors_frames_per_s=frames / min(t_theirs), stmn_frames_per_s=frames / min(t_ours))
     print(json.dumps(r))
     if a.out: Path(a.out).write_text(json.dumps(r, indent=1))

@@ -154,12 +154,12 @@ class Learner:
         self.model, self.p, self.out_dir, self.device = model.to(device), p, Path(out_dir), torch.device(device)
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank, self.world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
+        self.speed = speed_settings(p, device)
+        if self.speed["channels_last"]: self.model.to(memory_format=torch.channels_last)   # conv weights NHWC (before DDP sees them)
         if p.get("sync_bn"):
             if self.device.type != "cuda": raise ValueError("sync_bn=True: SyncBatchNorm needs CUDA devices (it refuses CPU modules)")
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None) if dist else self.model
-        self.speed = speed_settings(p, device)
-        if self.speed["channels_last"]: self.model.to(memory_format=torch.channels_last)   # conv weights NHWC: cuDNN follows
         self.fwd = torch.compile(self.net) if self.speed["compile"] else self.net
         self.data = TrainClips(tracklets, p["L"], p["height"], p["width"], erase=.5 if p.get("erasing", True) else 0.)
         self.batches, self._loader, self.pending, self._writing = EpochBatches(), None, [], None
