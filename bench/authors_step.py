@@ -34,6 +34,7 @@ def main(argv=None):
     from stmn.model import STMN, STMNConfig
     from stmn.learner import Learner, resolve_params
     from stmn.data import Tracklet
+    from stmn.speed import sync
 
     torch.manual_seed(0)
     theirs = TheirSTMN(2048, num_class=625, stride=1).to(dev).train()
@@ -51,9 +52,7 @@ def main(argv=None):
         learner = Learner(ours, [Tracklet(("x.jpg",), pid, 1) for pid in range(625)], p, d, device=dev)
         x = torch.randn(a.P * a.K, 6, 3, 256, 128, device=dev); y = torch.arange(a.P, device=dev).repeat_interleave(a.K)
         def timed(f):
-            if dev.type == "cuda": torch.cuda.synchronize()
-            t = time.perf_counter(); f(x, y)
-            if dev.type == "cuda": torch.cuda.synchronize()
+            sync(dev); t = time.perf_counter(); f(x, y); sync(dev)
             return time.perf_counter() - t
         timed(their_step); timed(learner.train_step)                       # warm-up
         t_theirs, t_ours = [], []

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import torch
 import torch.nn.functional as F
-from .memory import memory_spread_loss
+from .memory import memory_spread_loss, full_precision
 
 # %% auto #0
 __all__ = ['pairwise_euclidean', 'batch_hard_triplet', 'stmn_loss']
@@ -14,7 +14,7 @@ __all__ = ['pairwise_euclidean', 'batch_hard_triplet', 'stmn_loss']
 # %% ../nbs/05_losses.ipynb #6bc46153
 def pairwise_euclidean(x: torch.Tensor) -> torch.Tensor:
     "Euclidean distances `[B, B]` between rows of `[B, D]`, in fp32, safe to differentiate at 0."
-    with torch.autocast("cuda" if x.is_cuda else "cpu", enabled=False):     # a bf16 Gram matrix loses the margins
+    with full_precision(x):                                                 # a bf16 Gram matrix loses the margins
         x = x.float(); sq = (x * x).sum(1)
         return (sq[:, None] + sq[None] - 2 * x @ x.t()).clamp_min(1e-12).sqrt()
 

@@ -9,15 +9,19 @@ from torch import nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['KEY_NORMS', 'address', 'SpatialMemory', 'TemporalMemory', 'memory_spread_loss']
+__all__ = ['KEY_NORMS', 'full_precision', 'address', 'SpatialMemory', 'TemporalMemory', 'memory_spread_loss']
 
 # %% ../nbs/04_memory.ipynb #633a76fe
 KEY_NORMS = ("channel", "cosine")
 
+def full_precision(t: torch.Tensor):
+    "A context in which autocast is off for `t`'s device (CUDA, else CPU: meta tensors count as CPU)."
+    return torch.autocast("cuda" if t.is_cuda else "cpu", enabled=False)
+
 def address(q: torch.Tensor, keys: torch.Tensor, key_norm: str = "channel", temperature: float = .1) -> torch.Tensor:
     "Matching probabilities p `[J, M]` of queries q `[J, D]` over memory keys `[M, D]`, computed in fp32 (also under autocast)."
     if key_norm not in KEY_NORMS: raise ValueError(f"key_norm={key_norm!r}: expected one of {KEY_NORMS}")
-    with torch.autocast("cuda" if q.is_cuda else "cpu", enabled=False):     # bf16 logits would flatten the softmax
+    with full_precision(q):                                                 # bf16 logits would flatten the softmax
         q, keys = F.normalize(q.float(), dim=1), keys.float()
         if key_norm == "channel": logits = q @ F.normalize(keys, dim=0).t()       # each column of K has unit norm
         else: logits = q @ F.normalize(keys, dim=1).t() / temperature
@@ -37,7 +41,7 @@ class SpatialMemory(nn.Module):
         N, D, h, w = f_o.shape
         q = q_s.permute(0, 2, 3, 1).reshape(N * h * w, D)                  # one query per location: [N·h·w, D]
         p = address(q, self.keys, self.key_norm, self.temperature)         # [N·h·w, M], fp32
-        with torch.autocast("cuda" if q.is_cuda else "cpu", enabled=False):
+        with full_precision(q):
             r = self.readout_bn(p @ self.values.float())                   # read-out [N·h·w, D], fp32
         r = r.reshape(N, h, w, D).permute(0, 3, 1, 2).to(f_o.dtype)       # back to a map [N, D, h, w]
         return f_o - r, p
@@ -54,7 +58,7 @@ class TemporalMemory(nn.Module):
     def forward(self, q_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, L, D = q_t.shape
         if L != self.seq_len: raise ValueError(f"temporal memory built for L={self.seq_len} frames, got {L}")
-        with torch.autocast("cuda" if q_t.is_cuda else "cpu", enabled=False):
+        with full_precision(q_t):
             h, _ = self.lstm(q_t.float())                                   # [B, L, D]
             p = address(h[:, -1], self.keys, self.key_norm, self.temperature)  # [B, N]
             a = (p @ self.values.float()).softmax(dim=1)                    # [B, L]
