@@ -19,11 +19,12 @@ $(STAMP): settings.ini setup.py
 kernel: $(STAMP)
 	$(BIN)/python -m ipykernel install --user --name stmn --display-name "Python (stmn)" >/dev/null
 
-# Main job: train and evaluate STMN on the embedded synthetic dataset (CPU, minutes).
+# Main job: train and evaluate STMN on the embedded synthetic dataset (CPU, minutes); then where the run falls in the seed band of make compare.
 train: setup
 	mkdir -p $(dir $(OUT))
 	$(BIN)/papermill nbs/train.ipynb $(OUT).ipynb -p out_dir $(OUT) --log-output --no-progress-bar
 	@$(BIN)/python -c "import json; m = json.load(open('$(OUT)/metrics.json')); print(f\"rank-1 {100*m['rank1']:.1f}%  mAP {100*m['mAP']:.1f}%  (protocol {m['protocol']}, sampling {m['sampling']}, {m['n_query']} queries x {m['n_gallery']} gallery, {m['wall_seconds']:.0f} s)  -> $(OUT)/metrics.json\")"
+	@$(BIN)/python -c "import json, os; from stmn.evaluation import seed_band; b = 'bench/demo_band.json'; print(seed_band(json.load(open('$(OUT)/metrics.json')), json.load(open(b))) if os.path.exists(b) else f'no seed band: make compare writes {b}')"
 
 # Every test: the notebooks' own test cells (slow ones skipped), then the end-to-end suite.
 test: setup
@@ -40,7 +41,7 @@ clean-nbs: $(STAMP)
 readme: $(STAMP)
 	$(BIN)/jupyter nbconvert --to markdown nbs/index.ipynb --output-dir . --output README --log-level WARN
 
-# STMN against the baseline over 3 seeds on the synthetic dataset (about 40 minutes on 2 CPU cores).
+# STMN against the baseline over 3 seeds on the synthetic dataset (about 40 minutes on 2 CPU cores); writes the seed band bench/demo_band.json.
 compare: setup
 	mkdir -p runs
 	$(BIN)/papermill nbs/compare.ipynb runs/compare.ipynb --log-output --no-progress-bar

@@ -32,8 +32,9 @@ def main(argv=None):
     TheirSTMN, TheirLoss, _ = authors_model(Path(a.repo))
     if dev.type == "cuda": torch.Tensor.cuda, torch.nn.Module.cuda = real_cuda  # on a GPU their .cuda() calls must work
     from stmn.model import STMN, STMNConfig
-    from stmn.learner import Learner, resolve_params
-    from stmn.data import Tracklet
+    from stmn.learner import Learner
+    from stmn.recipes import resolve_params
+    from stmn.base import Tracklet
     from stmn.speed import sync
 
     torch.manual_seed(0)

@@ -10,25 +10,22 @@ import torch
 import matplotlib.pyplot as plt
 from PIL import Image
 from .sampling import TestClips
+from .evaluation import map_clips
 
 # %% auto #0
 __all__ = ['QUERY_RULES', 'frame_maps', 'cell_shares', 'attention_on_clean', 'addressing_on_distractors', 'item_usage',
            'first_match_rank', 'choose_queries', 'top_patches', 'draw_item_patches', 'draw_attention']
 
 # %% ../nbs/10_analysis.ipynb #51b2e934
-@torch.no_grad()
 def frame_maps(model, tracklets, L: int, height: int, width: int, batch_size: int = 32, device="cpu") -> dict:
     "RRS-clip maps of `tracklets`: f_o, f_s `[T, L, D]`, attn `[T, L]`, p_s `[T, L, h, w, M]` (None without memory), frame paths `[T][L]`."
-    was = model.training; model.eval()
     clips = TestClips(tracklets, L, height, width, "rrs")
     out = {"f_o": [], "f_s": [], "attn": [], "p_s": []}
-    for x, _ in torch.utils.data.DataLoader(clips, batch_size=batch_size):   # x: [b, L, 3, H, W]
-        f = model.forward_features(x.to(device))
+    for _, f in map_clips(model, clips, model.forward_features, batch_size, device):   # the evaluation's loop over clips
         for k in ("f_o", "f_s", "attn"): out[k].append(f[k].float().cpu())
         if f.get("p_s") is not None:
-            b, h, w = len(x), height // 16, width // 16                          # stride-1 layer4: maps are H/16 × W/16
+            b, h, w = len(f["attn"]), height // 16, width // 16                  # stride-1 layer4: maps are H/16 × W/16
             out["p_s"].append(f["p_s"].float().cpu().view(b, L, h, w, -1))       # [b·L·h·w, M] → [b, L, h, w, M]
-    model.train(was)
     res = {k: torch.cat(v) if v else None for k, v in out.items()}
     res["frames"] = [[tracklets[i].frames[j] for j in c] for i, c in clips.clips]
     return res

@@ -7,11 +7,14 @@ from __future__ import annotations
 import argparse, hashlib, json, os, sys
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from PIL import Image, UnidentifiedImageError
+from .base import VideoDataset, BadImageError, DatasetLayoutError, DATASET_REGISTRY, dataset_entry, save_json
+from . import mars, datasets, synth                                  # noqa: F401 (their readers register themselves)
 
 # %% auto #0
-__all__ = ['frame_problem', 'check_cache_path', 'check_frames', 'check_dataset', 'main']
+__all__ = ['frame_problem', 'check_cache_path', 'check_frames', 'decode_check', 'check_dataset', 'main']
 
 # %% ../nbs/00c_check.ipynb #2e595006
 def frame_problem(path: str) -> str | None:
@@ -49,17 +52,32 @@ def check_frames(paths, cache=None, workers: int = 8) -> dict:
     with ThreadPoolExecutor(workers) as ex: found = dict(zip(todo, ex.map(frame_problem, todo)))
     for d in {os.path.dirname(p) for p in todo}:
         seen[d] = dict(stamp=stamps[d], problems={p: found[p] for p in groups[d] if found[p]})
-    if cache and todo:
-        from stmn.learner import save_json                                  # atomic, like every file the project writes
-        save_json(seen, cache)
+    if cache and todo: save_json(seen, cache)                              # atomic, like every file the project writes
     return {p: why for d in groups for p, why in seen[d]["problems"].items()}
+
+# %% ../nbs/00c_check.ipynb #13c07701
+def decode_check(ds: VideoDataset, bad_images: str = "error", workers: int = 8, cache: bool = True) -> VideoDataset:
+    "Open every frame of `ds` (cached); raise naming bad files, or with `bad_images='skip'` remove and count them."
+    if bad_images not in ("error", "skip"): raise ValueError(f"bad_images={bad_images!r}: expected 'error' or 'skip'")
+    paths = sorted({p for s in (ds.train, ds.query, ds.gallery) for t in s for p in t.frames})
+    problems = sorted(check_frames(paths, check_cache_path(ds.root) if cache and ds.root else None, workers).items())
+    if not problems: return ds
+    if bad_images == "error":
+        raise BadImageError(f"{len(problems)} unreadable image(s) in {ds.name}; pass bad_images='skip' to leave them out:\n  "
+                            + "\n  ".join(f"{p}: {why}" for p, why in problems[:10]))
+    bad = {p for p, _ in problems}
+    kept = {s: [replace(t, frames=tuple(f for f in t.frames if f not in bad)) for t in getattr(ds, s)] for s in ("train", "query", "gallery")}
+    empty = sum(len(t) == 0 for ts in kept.values() for t in ts)
+    dropped = {**ds.dropped, "unreadable images (skipped)": len(bad)}
+    if empty: dropped["tracklets with no readable image"] = empty
+    return replace(ds, **{s: [t for t in ts if len(t)] for s, ts in kept.items()}, dropped=dropped)
 
 # %% ../nbs/00c_check.ipynb #65072c42
 def check_dataset(name: str, root, protocol: str | None = None, workers: int = 8, cache: bool = True) -> dict:
     "Every problem of dataset `name` at `root`: `layout` (list of messages) and `frames` (`{path: problem}`), with counts."
-    from stmn.data import load_dataset, DatasetLayoutError
-    try: ds = load_dataset(name, root, protocol, verify="none")
-    except DatasetLayoutError as e: return dict(name=name, root=str(root), layout=getattr(e, "problems", [str(e)]), message=str(e), frames={}, n_frames=0)
+    try: ds = dataset_entry(name).read(root, protocol=protocol, verify="none")
+    except DatasetLayoutError as e:
+        return dict(name=name, root=str(root), layout=getattr(e, "problems", [str(e)]), message=str(e), frames={}, n_frames=0)
     paths = sorted({f for s in (ds.train, ds.query, ds.gallery, ds.test_all) for t in s for f in t.frames})
     frames = check_frames(paths, check_cache_path(root) if cache else None, workers)
     return dict(name=name, root=str(root), layout=[], message="", frames=frames, n_frames=len(paths),
@@ -67,9 +85,8 @@ def check_dataset(name: str, root, protocol: str | None = None, workers: int = 8
 
 def main(argv=None) -> int:
     "`python -m stmn.check DATA_ROOT --dataset mars`: print every problem; 0 if none, 1 otherwise."
-    from stmn.data import DATASETS
     ap = argparse.ArgumentParser(prog="python -m stmn.check", description="Check a video re-ID dataset before training.")
-    ap.add_argument("root", help="the dataset's folder"); ap.add_argument("--dataset", default="mars", choices=DATASETS)
+    ap.add_argument("root", help="the dataset's folder"); ap.add_argument("--dataset", default="mars", choices=tuple(DATASET_REGISTRY))
     ap.add_argument("--workers", type=int, default=8, help="decoding threads"); ap.add_argument("--no-cache", action="store_true")
     a = ap.parse_args(argv)
     r = check_dataset(a.dataset, a.root, workers=a.workers, cache=not a.no_cache)

@@ -7,21 +7,16 @@ from __future__ import annotations
 import json, os, re
 from pathlib import Path
 import numpy as np
-from .data import Tracklet, VideoDataset, layout_error, load_mat, PROTOCOLS
+from .base import Tracklet, VideoDataset, layout_error, load_mat, register_dataset, resolve_protocol
 
 # %% auto #0
-__all__ = ['DUKEV_LAYOUT', 'LSVID_LAYOUT', 'ILIDSVID_LAYOUT', 'PRID_LAYOUT', 'READERS', 'read_dukev_split', 'read_dukev',
-           'read_lsvid_list', 'read_lsvid', 'read_ilidsvid', 'read_prid2011']
+__all__ = ['DUKEV_LAYOUT', 'LSVID_LAYOUT', 'ILIDSVID_LAYOUT', 'PRID_LAYOUT', 'read_dukev_split', 'read_dukev', 'read_lsvid_list',
+           'read_lsvid', 'read_ilidsvid', 'read_prid2011']
 
 # %% ../nbs/00b_datasets.ipynb #d9db5f8c
 def _need_dir(path: Path, layout: str, root) -> Path:
     if not path.is_dir(): raise layout_error(f"missing folder {path}", layout, root)
     return path
-
-def _protocol(name: str, protocol: str | None) -> str:
-    if protocol in (None, ""): return PROTOCOLS[name][0]
-    if protocol not in PROTOCOLS[name]: raise ValueError(f"protocol={protocol!r}: {name} defines {PROTOCOLS[name]}")
-    return protocol
 
 # %% ../nbs/00b_datasets.ipynb #bc47cd72
 DUKEV_LAYOUT = """expected the DukeMTMC-VideoReID layout (withdrawn by its owners in 2019; it was distributed via
@@ -51,12 +46,13 @@ def read_dukev_split(root, split: str) -> tuple[list[Tracklet], list[str], int]:
     if problems: raise layout_error(f"{len(problems)} problem(s) in {folder}:\n  " + "\n  ".join(problems), DUKEV_LAYOUT, root)
     return out, keys, empty
 
+@register_dataset("dukev", ("paper",))
 def read_dukev(root, protocol: str | None = None, split=None, verify: str = "exists") -> VideoDataset:
     "DukeMTMC-VideoReID under `root`: `train/`, `query/`, `gallery/` (the gallery as shipped, query copies included)."
     root = _need_dir(Path(root), DUKEV_LAYOUT, root)
     for s in ("train", "query", "gallery"): _need_dir(root/s, DUKEV_LAYOUT, root)
     (train, _, e1), (query, qk, e2), (gallery, gk, e3) = (read_dukev_split(root, s) for s in ("train", "query", "gallery"))
-    ds = VideoDataset("dukev", train, query, gallery, _protocol("dukev", protocol), str(root))
+    ds = VideoDataset("dukev", train, query, gallery, resolve_protocol("dukev", protocol), str(root))
     if e1 + e2 + e3: ds.dropped["empty tracklet folders"] = e1 + e2 + e3
     ds.notes.append(f"{len(set(qk) & set(gk))} of {len(qk)} query tracklets are also in gallery/ (same pid/tracklet folder)")
     return ds
@@ -96,10 +92,11 @@ def read_lsvid_list(root, fname: str) -> list[Tracklet]:
     return out
 
 # %% ../nbs/00b_datasets.ipynb #42f678f2
+@register_dataset("lsvid", ("paper", "torchreid"))
 def read_lsvid(root, protocol: str | None = None, split=None, verify: str = "exists") -> VideoDataset:
     "LS-VID under `root`: train and test lists, the test rows checked against `info_test`, queries from `query`."
     root = _need_dir(Path(root), LSVID_LAYOUT, root)
-    protocol = _protocol("lsvid", protocol)
+    protocol = resolve_protocol("lsvid", protocol)
     train, test = read_lsvid_list(root, "list_seq_train.txt"), read_lsvid_list(root, "list_seq_test.txt")
     info = load_mat(root/"test"/"data"/"info_test.mat", "info_test", LSVID_LAYOUT, root)
     q = load_mat(root/"test"/"data"/"info_test.mat", "query", LSVID_LAYOUT, root).ravel() - 1
@@ -154,9 +151,10 @@ def _two_camera_dataset(name, people, cams, test_ids, train_ids, root, split, n_
     ds.notes.append("queries: camera 1/A of the test people; gallery: camera 2/B of the same people")
     return ds
 
+@register_dataset("ilidsvid", ("standard",), splits=10)
 def read_ilidsvid(root, protocol: str | None = None, split: int | None = 0, verify: str = "exists") -> VideoDataset:
     "iLIDS-VID under `root` with standard split `split` (0–9): train on 150 people, query camera 1, gallery camera 2."
-    root = _need_dir(Path(root), ILIDSVID_LAYOUT, root); _protocol("ilidsvid", protocol)
+    root = _need_dir(Path(root), ILIDSVID_LAYOUT, root); resolve_protocol("ilidsvid", protocol)
     seq = root/"i-LIDS-VID"/"sequences"
     cams = _two_camera_people([seq/"cam1", seq/"cam2"], ILIDSVID_LAYOUT, root)
     if set(cams[0]) != set(cams[1]):
@@ -190,9 +188,10 @@ def _prid_split(root, people: list[str], split: int):
     ls_set = load_mat(mat, "ls_set", PRID_LAYOUT, root)
     return (*_split_row(ls_set, split, len(people), mat, PRID_LAYOUT, root), len(ls_set))
 
+@register_dataset("prid2011", ("standard",), splits=10)
 def read_prid2011(root, protocol: str | None = None, split: int | None = 0, verify: str = "exists", min_frames: int = 27) -> VideoDataset:
     "PRID-2011 under `root`: people in both cameras with ≥ `min_frames` frames in each, standard split `split`."
-    root = _need_dir(Path(root), PRID_LAYOUT, root); _protocol("prid2011", protocol)
+    root = _need_dir(Path(root), PRID_LAYOUT, root); resolve_protocol("prid2011", protocol)
     ms = root/"prid_2011"/"multi_shot"
     cams = _two_camera_people([ms/"cam_a", ms/"cam_b"], PRID_LAYOUT, root)
     both = set(cams[0]) & set(cams[1])
@@ -204,5 +203,3 @@ def read_prid2011(root, protocol: str | None = None, split: int | None = 0, veri
                   f"tracklets of people with fewer than {min_frames} frames in a camera": 2 * (len(both) - len(people))}
     if unused := len(people) - len(test_ids) - len(train_ids): ds.dropped[f"tracklets of kept people in neither half of split {split}"] = 2 * unused
     return ds
-
-READERS = {"dukev": read_dukev, "lsvid": read_lsvid, "ilidsvid": read_ilidsvid, "prid2011": read_prid2011}

@@ -10,11 +10,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from .sampling import TestClips, SAMPLING_MODES
+from .recipes import resolve_amp
 
 # %% auto #0
-__all__ = ['AP_DEFINITIONS', 'cosine_distance', 'match_and_junk', 'evaluate_reference', 'evaluate', 'evaluate_torch',
-           'random_case', 'extract_features', 'feature_distances', 'evaluate_features', 'embed_dataset',
-           'evaluate_model', 'format_result']
+__all__ = ['AP_DEFINITIONS', 'BAND_FREE', 'cosine_distance', 'match_and_junk', 'evaluate_reference', 'evaluate', 'evaluate_torch',
+           'random_case', 'map_clips', 'extract_features', 'feature_distances', 'evaluate_features', 'embed_dataset',
+           'evaluate_model', 'format_result', 'seed_band']
 
 # %% ../nbs/07_evaluation.ipynb #68c5cb07
 def cosine_distance(q: torch.Tensor, g: torch.Tensor) -> np.ndarray:
@@ -129,26 +130,34 @@ def random_case(rng: np.random.Generator, ties: bool):
     else: gp = rng.integers(-1, 5, G)
     return D, rng.integers(0, 6, Q), gp, rng.integers(1, 4, Q), rng.integers(1, 4, G)
 
+# %% ../nbs/07_evaluation.ipynb #8cc965bd
+def map_clips(model, clips: TestClips, fn, batch_size: int = 32, device="cpu", workers: int = 0, amp: str | None = None):
+    "Yield `(idx, fn(x))` per batch: clip frames `x` `[b, L, 3, H, W]` on `device`, their tracklets `idx` `[b]`; `model` in eval mode, no grad, `fn` at `resolve_amp(amp, device)`."
+    dev = torch.device(device); bf16 = resolve_amp(amp, dev) == "bf16"
+    loader = torch.utils.data.DataLoader(clips, batch_size=batch_size, num_workers=workers, pin_memory=dev.type == "cuda")
+    was_training = model.training; model.eval()
+    try:
+        for x, idx in loader:                                               # x: [b, L, 3, H, W]
+            x, idx = x.to(dev, non_blocking=True), idx.to(dev, non_blocking=True)
+            with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=bf16): out = fn(x)
+            yield idx, out
+    finally: model.train(was_training)
+
 # %% ../nbs/07_evaluation.ipynb #6066a86c
-@torch.no_grad()
 def extract_features(model, tracklets, L: int, height: int, width: int, mode: str = "all",
                      batch_size: int = 32, device="cpu", workers: int = 0, maps: bool = False, amp: str | None = None):
     "Descriptors BN_t(f^st) `[T, D]` of `tracklets` averaged over clips (and flips in 'all' mode); with `maps`, also per-clip maps."
-    was_training = model.training; model.eval(); dev = torch.device(device)
-    bf16 = (amp or ("bf16" if dev.type == "cuda" else "fp32")) == "bf16"
-    clips = TestClips(tracklets, L, height, width, mode)
-    loader = torch.utils.data.DataLoader(clips, batch_size=batch_size, num_workers=workers, pin_memory=dev.type == "cuda")
+    dev, clips = torch.device(device), TestClips(tracklets, L, height, width, mode)
+    def embed(x):
+        feats = model.forward_features(x)
+        f = model.forward_head(feats, pre_logits=True).float()
+        if mode == "all": f = f + model(x.flip(-1)).float()              # horizontal flip of every frame
+        return f, (_clip_maps(feats, len(x), L) if maps else None)
     total, count, out_maps = None, torch.zeros(len(tracklets), device=dev), []
-    for x, idx in loader:                                                   # x: [b, L, 3, H, W]
-        x, idx = x.to(dev, non_blocking=True), idx.to(dev, non_blocking=True)
-        with torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
-            feats = model.forward_features(x)
-            f = model.forward_head(feats, pre_logits=True).float()
-            if mode == "all": f = f + model(x.flip(-1)).float()          # horizontal flip of every frame
+    for idx, (f, clip_maps) in map_clips(model, clips, embed, batch_size, dev, workers, amp):
         if total is None: total = torch.zeros(len(tracklets), f.shape[1], device=dev)
         total.index_add_(0, idx, f); count.index_add_(0, idx, torch.full((len(idx),), 2. if mode == "all" else 1., device=dev))
-        if maps: out_maps.append(_clip_maps(feats, len(x), L))
-    model.train(was_training)
+        if maps: out_maps.append(clip_maps)
     total = (total / count[:, None]).cpu()                                  # [T, D]: the one copy back
     if not maps: return total
     cat = {k: torch.cat([m[k] for m in out_maps]) if out_maps[0][k] is not None else None for k in out_maps[0]}
@@ -190,7 +199,7 @@ def embed_dataset(model, dataset, L: int, height: int, width: int, mode: str = "
 def evaluate_model(model, dataset, L: int, height: int, width: int, mode: str = "all", ap: str = "plain",
                    batch_size: int = 32, device="cpu", workers: int = 0, protocol: str | None = None, rerank: bool = False) -> dict:
     "Rank-1/5/10/20, mAP, mINP of `model` on `dataset` (under `protocol` if given), with protocol, sampling mode and counts."
-    from stmn.data import with_protocol
+    from stmn.mars import with_protocol
     ds = with_protocol(dataset, protocol) if protocol else dataset
     feats = embed_dataset(model, ds, L, height, width, mode, batch_size, device, workers, whole_test=False)   # one protocol only
     return dict(evaluate_features(feats, ds, ap, rerank), sampling=mode)
@@ -201,3 +210,20 @@ def format_result(r: dict) -> str:
             f"{' | re-ranked' if r.get('rerank') else ''} | {r['n_query']} queries ({r['n_valid']} with a match, {r['n_skipped']} skipped)"
             f" × {r['n_gallery']} gallery | rank-1 {100*r['rank1']:.1f}  rank-5 {100*r['rank5']:.1f}  rank-10 {100*r['rank10']:.1f}  "
             f"rank-20 {100*r['rank20']:.1f}  mAP {100*r['mAP']:.1f}  mINP {100*r['mINP']:.1f}")
+
+# %% ../nbs/07_evaluation.ipynb #e5c8e9a1
+BAND_FREE = ("seed", "out_dir", "data_root", "device", "resume", "workers", "ckpt_every", "nproc", "amp", "channels_last",
+             "compile", "sync_bn", "verify", "bad_images")   # parameters a band does not fix: the seed, and where and how a run runs
+
+def seed_band(metrics: dict, band: dict) -> str:
+    "Where the rank-1 and mAP of a run (`metrics.json`) fall in `band` (from `compare.ipynb`), or why the band does not apply."
+    p = metrics.get("params", {}); model = p.get("model")
+    if model not in band.get("models", {}): return f"no seed band for model {model!r}"
+    b, parts = band["models"][model], []
+    diff = sorted(k for k, v in b["params"].items() if k not in BAND_FREE and p.get(k) != v)
+    if diff: return f"no seed band for these parameters (the band's differ in {', '.join(diff[:6])})"
+    for key, name in (("rank1", "rank-1"), ("mAP", "mAP")):
+        xs = np.asarray(b[key], float); mu, sd = xs.mean(), xs.std(ddof=1)
+        parts.append(f"{name} {100 * metrics[key]:.1f}% (band {100 * mu:.1f} ± {100 * sd:.1f}, {(metrics[key] - mu) / sd:+.1f} std)")
+    m = band["machine"]
+    return "; ".join(parts) + f" — band: {model}, {len(xs)} seeds on {m['device']}{' ' + m['cpu_isa'] if m.get('cpu_isa') else ''}"

@@ -27,7 +27,7 @@ GRIDS = {  # supplement Tables 1–3 and the main paper's ablation (each entry c
 ABLATION_ROWS = ("baseline (temporal average pooling)", "+ spatial memory", "+ temporal memory", "+ both (STMN)", "+ both, no spread loss")
 SWEPT = {"table1": ("M", "N"), "table2": ("alpha",), "table3": ("L",), "ablation": ("variant",)}
 PRESETS = {
-    "paper": dict(dataset="mars", split=0),                                   # the paper recipe (stmn.learner.RECIPES)
+    "paper": dict(dataset="mars", split=0),                                   # the paper recipe (stmn.recipes.RECIPES)
     "smoke": dict(dataset="synth", split=0, backbone="resnet10", pretrained=False, height=32, width=16, epochs=1,
                   P=8, K=2, lr_step=1, test_sampling="rrs", workers=0),      # 3 steps a run on a CPU; a check, not a result
 }
@@ -90,7 +90,7 @@ def status(run_dir) -> str:
 def execute_run(run: dict, out_dir, notebook, cwd=".", timeout: float | None = None, device: str | None = None) -> str:
     "Execute `notebook` for `run` in `out_dir/runs/<name>` unless already done; return the final status."
     import papermill as pm
-    from stmn.learner import save_json
+    from stmn.base import save_json
     run_dir = Path(out_dir)/"runs"/run["name"]
     if status(run_dir) == "done": return "done"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +141,7 @@ RUN_COLUMNS = ("name", "status", "model", "M", "N", "alpha", "L", "spatial_memor
 
 def collect(out_dir) -> pd.DataFrame:
     "Every run under `out_dir/runs` (parameters, status, rank-1, mAP, wall time, path), also written to `out_dir/runs.csv`."
-    from stmn.learner import atomic_write
+    from stmn.base import atomic_write
     rows = []
     for f in sorted((Path(out_dir)/"runs").glob("*/params.json")):
         p, st = json.loads(f.read_text()), status(f.parent)
@@ -247,7 +247,7 @@ def _label(t, i):
 def heatmap(t: pd.DataFrame, path=None):
     "Seaborn heat maps of rank-1 and mAP over M × N, this sweep's and the paper's; saved atomically to `path` if given."
     import matplotlib.pyplot as plt, seaborn as sns
-    from stmn.learner import atomic_write
+    from stmn.base import atomic_write
     paper = paper_table("table1")
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.2))
     for ax, (src, data, m) in zip(axes, [("this sweep", t, "rank1"), ("this sweep", t, "mAP"), ("paper", paper, "rank1"), ("paper", paper, "mAP")]):
@@ -261,7 +261,7 @@ def heatmap(t: pd.DataFrame, path=None):
 # %% ../nbs/09_sweep.ipynb #ed01302a
 def write_tables(df, grids, preset, trials, out_dir, extra=None, figure=None) -> dict:
     "Tables of `grids` from the collected runs `df`, written to `out_dir/tables/` (and the M × N heat map to `figure`)."
-    from stmn.learner import atomic_write
+    from stmn.base import atomic_write
     tabs = {}
     for g in grids:
         t = tabs[g] = table(df, g, preset, trials, extra)

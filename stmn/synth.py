@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 from PIL import Image
-from .data import DatasetLayoutError
+from .base import DatasetLayoutError, VideoDataset, register_dataset
+from .mars import MARS_PROTOCOLS, read_mars
 
 # %% auto #0
 __all__ = ['PIXEL_LABELS', 'SHARED_DISTRACTORS', 'SynthConfig', 'make_scene', 'render_scene', 'make_palette', 'make_person',
-           'draw_person', 'render_frame', 'make_synthetic_mars', 'read_truth']
+           'draw_person', 'render_frame', 'make_synthetic_mars', 'read_truth', 'read_synth']
 
 # %% ../nbs/01_synth.ipynb #ff6ae349
 @dataclass(frozen=True)
@@ -227,3 +228,11 @@ def read_truth(root) -> tuple[dict, dict]:
     with np.load(files[1]) as z: masks = dict(zip(z["names"].tolist(), z["labels"]))
     if set(masks) != set(kinds): raise DatasetLayoutError(f"{files[1]} and {files[0]} list different frames")
     return kinds, masks
+
+# %% ../nbs/01_synth.ipynb #129fee78
+def _make(root, **options): make_synthetic_mars(root, SynthConfig(**options))
+
+@register_dataset("synth", MARS_PROTOCOLS, make=_make)
+def read_synth(root, protocol: str | None = None, split=None, verify: str = "exists") -> VideoDataset:
+    "The synthetic dataset at `root`, read by the MARS reader and named `synth`."
+    ds = read_mars(root, protocol, verify=verify); ds.name = "synth"; return ds

@@ -4,7 +4,8 @@ import shutil
 import numpy as np
 import pytest
 import scipy.io
-from stmn.data import DATASETS, PUBLISHED, BadImageError, DatasetLayoutError, check_counts, load_dataset
+from stmn.data import DATASETS, PUBLISHED, check_counts, load_dataset
+from stmn.base import BadImageError, DatasetLayoutError
 from stmn.miniature import write_mini_dukev, write_mini_ilidsvid, write_mini_lsvid, write_mini_mars, write_mini_prid2011
 
 WRITERS = {"mars": write_mini_mars, "dukev": write_mini_dukev, "lsvid": write_mini_lsvid,

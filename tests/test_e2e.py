@@ -5,9 +5,12 @@ import papermill as pm
 import pytest
 import scipy.io
 import torch
-from stmn.data import DatasetLayoutError, load_dataset, read_mars
+from stmn.base import DatasetLayoutError
+from stmn.data import load_dataset
+from stmn.mars import read_mars
 from stmn.evaluation import evaluate_model
-from stmn.learner import Learner, build_model, resolve_params, validate_params
+from stmn.learner import Learner
+from stmn.recipes import build_model, resolve_params, validate_params
 from stmn.synth import SynthConfig, make_synthetic_mars
 
 TINY = dict(epochs=1, P=4, K=2, L=4, M=3, N=2, height=32, width=16, test_sampling="rrs", device="cpu", backbone="resnet10")

@@ -6,8 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from stmn.data import DatasetLayoutError, BadImageError, load_dataset, read_mars
-from stmn.learner import CheckpointError, Learner, build_model, resolve_params, previous_path
+from stmn.base import DatasetLayoutError, BadImageError
+from stmn.data import load_dataset
+from stmn.mars import read_mars
+from stmn.checkpoints import CheckpointError
+from stmn.learner import Learner
+from stmn.recipes import build_model, resolve_params
+from stmn.base import previous_path
 from stmn.sampling import PKSampler
 from stmn.synth import SynthConfig, make_synthetic_mars
 
@@ -23,8 +28,9 @@ def data(tmp_path_factory):
 
 CHILD = textwrap.dedent("""
     import os, signal, sys, json, torch
-    from stmn.data import read_mars
-    from stmn.learner import Learner, build_model, resolve_params
+    from stmn.mars import read_mars
+    from stmn.learner import Learner
+    from stmn.recipes import build_model, resolve_params
     data, out, kill = sys.argv[1], sys.argv[2], sys.argv[3]
     p = resolve_params(json.loads(sys.argv[4]))
     learner = Learner(build_model(p, 6), read_mars(data).train, p, out)
@@ -66,7 +72,7 @@ def reference(data, tmp_path_factory):
     return final(ref)
 
 
-KILLED = dict(P, model="baseline", epochs=2)     # the kill runs: small checkpoints (STMN's own state resumes the same way: 08_learner)
+KILLED = dict(P, model="baseline", epochs=2)     # the kill runs: small checkpoints (STMN's own state resumes the same way: 08b_learner)
 
 def test_killed_run_resumes_to_the_same_run(data, reference, tmp_path):
     """SIGKILL four times in one run folder — after a step before any checkpoint, inside an epoch-end save, after a

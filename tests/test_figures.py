@@ -2,7 +2,8 @@
 import json
 import papermill as pm
 from stmn.data import load_dataset
-from stmn.learner import Learner, build_model, resolve_params
+from stmn.learner import Learner
+from stmn.recipes import build_model, resolve_params
 
 TINY = dict(dataset="synth", backbone="resnet10", epochs=1, P=4, K=2, M=10, N=5, alpha=.3, height=32, width=16, seed=0, workers=0)
 

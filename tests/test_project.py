@@ -71,3 +71,57 @@ def test_train_notebook_parameters_cell(root):
 
 def test_ci_calls_the_readme_test_command(root):
     assert "make test" in (root/".ci/run").read_text() and "make test" in (root/"README.md").read_text()
+
+
+def import_graph(pkg: Path) -> dict:
+    "`{module: {modules of the package it imports}}`, from every import statement (those inside functions too)."
+    import ast
+    mods = {p.stem for p in pkg.glob("*.py") if p.stem not in ("__init__", "_modidx")}
+    graph = {}
+    for m in sorted(mods):
+        found = set()
+        for node in ast.walk(ast.parse((pkg/f"{m}.py").read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level == 1: base = f"stmn.{base}" if base else "stmn"
+                if base == "stmn": found |= {a.name for a in node.names if a.name in mods}
+                elif base.startswith("stmn."): found.add(base.split(".")[1])
+            elif isinstance(node, ast.Import):
+                found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("stmn.")}
+        graph[m] = found & mods - {m}
+    return graph
+
+
+def find_cycle(graph: dict) -> list | None:
+    "One cycle of `graph` as a list of nodes `[a, b, …, a]`, or None."
+    state, stack = {}, []
+    def visit(n):
+        state[n] = "open"; stack.append(n)
+        for d in sorted(graph[n]):
+            if state.get(d) == "open": return stack[stack.index(d):] + [d]
+            if d not in state and (c := visit(d)): return c
+        state[n] = "done"; stack.pop()
+    for n in sorted(graph):
+        if n not in state and (c := visit(n)): return c
+    return None
+
+
+def test_find_cycle_names_it():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_imports_run_one_way(root):
+    graph = import_graph(root/"stmn")
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(f"stmn.{m}" for m in cycle)
+    assert graph["base"] == set(), f"stmn.base must import nothing of the package; it imports {sorted(graph['base'])}"
+    for low in ("mars", "datasets", "check", "synth", "miniature", "data"):           # the data layer never reaches training
+        assert not graph[low] & {"recipes", "checkpoints", "learner", "ddp", "speed", "sweep", "evaluation"}, (low, graph[low])
+
+
+def test_train_parameters_agree_with_recipes(root):
+    import papermill as pm
+    from stmn.recipes import recipe_disagreements
+    problems = recipe_disagreements(pm.inspect_notebook(str(root/"nbs/train.ipynb")))
+    assert not problems, "nbs/train.ipynb's parameters cell and stmn.recipes disagree:\n" + "\n".join(problems)
