@@ -33,7 +33,7 @@ class STMNConfig:
     temperature: float = .1            # only for key_norm="cosine" (this project's choice)
     stem_relu: bool = True             # METHOD.md §1 Decision: torchvision stem; False = authors' stem quirk
     spread_chunks: int = 1             # METHOD.md §4: 1 = whole batch; 3 mimics the authors' 3-GPU split
-    bnneck_train_weight: bool = False  # METHOD.md §4: BN_s/BN_t weight frozen; True = authors' code (only the bias frozen)
+    bnneck_train_weight: bool = True   # METHOD.md §4: BN_s/BN_t weight trained, bias frozen (authors' code); False = both frozen
     def __post_init__(self):
         for k in ("num_classes", "M", "N", "L", "spread_chunks"):
             if getattr(self, k) < 1: raise ValueError(f"{k}={getattr(self, k)}: expected an integer >= 1")
@@ -41,8 +41,8 @@ class STMNConfig:
         if self.key_norm not in KEY_NORMS: raise ValueError(f"key_norm={self.key_norm!r}: expected one of {KEY_NORMS}")
 
 # %% ../nbs/06_model.ipynb #60b40b9c
-def bnneck(dim: int, train_weight: bool = False) -> nn.BatchNorm1d:
-    "BatchNorm1d with weight 1 and bias 0, the bias frozen and the weight too unless `train_weight` (running statistics update)."
+def bnneck(dim: int, train_weight: bool = True) -> nn.BatchNorm1d:
+    "BatchNorm1d with weight 1 and bias 0, the bias frozen and, unless `train_weight`, the weight too (running statistics update)."
     bn = nn.BatchNorm1d(dim); bn.weight.requires_grad_(train_weight); bn.bias.requires_grad_(False); return bn
 
 def classifier(dim: int, n: int) -> nn.Linear:
