@@ -223,7 +223,8 @@ def seed_band(metrics: dict, band: dict) -> str:
     diff = sorted(k for k, v in b["params"].items() if k not in BAND_FREE and p.get(k) != v)
     if diff: return f"no seed band for these parameters (the band's differ in {', '.join(diff[:6])})"
     for key, name in (("rank1", "rank-1"), ("mAP", "mAP")):
-        xs = np.asarray(b[key], float); mu, sd = xs.mean(), xs.std(ddof=1)
-        parts.append(f"{name} {100 * metrics[key]:.1f}% (band {100 * mu:.1f} ± {100 * sd:.1f}, {(metrics[key] - mu) / sd:+.1f} std)")
+        xs = np.asarray(b[key], float); mu, sd = xs.mean(), (xs.std(ddof=1) if len(xs) > 1 else 0.)
+        where = f"{(metrics[key] - mu) / sd:+.1f} std" if sd > 0 else "no spread to measure against"
+        parts.append(f"{name} {100 * metrics[key]:.1f}% (band {100 * mu:.1f} ± {100 * sd:.1f}, {where})")
     m = band["machine"]
     return "; ".join(parts) + f" — band: {model}, {len(xs)} seeds on {m['device']}{' ' + m['cpu_isa'] if m.get('cpu_isa') else ''}"

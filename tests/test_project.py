@@ -125,3 +125,15 @@ def test_train_parameters_agree_with_recipes(root):
     from stmn.recipes import recipe_disagreements
     problems = recipe_disagreements(pm.inspect_notebook(str(root/"nbs/train.ipynb")))
     assert not problems, "nbs/train.ipynb's parameters cell and stmn.recipes disagree:\n" + "\n".join(problems)
+
+
+def test_imports_follow_the_layers_00_base_documents(root):
+    "Each module imports only from its own layer or those below, as the table at the top of nbs/00_base.ipynb says."
+    import re
+    first = "".join(json.loads((root/"nbs/00_base.ipynb").read_text())["cells"][0]["source"])
+    rows = [l for l in first.split("| layer | modules |", 1)[1].splitlines()[2:] if l.startswith("|")]
+    layer = {m: i for i, row in enumerate(rows) for m in re.findall(r"`(\w+)`", row.split("|")[2])}
+    graph = import_graph(root/"stmn")
+    assert set(graph) <= set(layer), f"modules missing from 00_base's layer table: {sorted(set(graph) - set(layer))}"
+    up = [f"stmn.{a} (layer {layer[a]}) imports stmn.{b} (layer {layer[b]})" for a in graph for b in graph[a] if layer[b] > layer[a]]
+    assert not up, "imports that run upwards:\n" + "\n".join(up)
