@@ -6,7 +6,7 @@
 from __future__ import annotations
 import os
 import torch
-from .base import VERIFY_MODES
+from .base import VERIFY_MODES, dataset_entry
 from .data import PROTOCOLS
 from .sampling import SAMPLING_MODES
 from .model import STMN, STMNConfig
@@ -109,7 +109,8 @@ def validate_params(p: dict, n_train_ids: int | None = None):
     need(count("nproc", 1) and p.get("nproc", 1) >= 1, "nproc", "an integer >= 1 (processes for one run)")
     protocols = PROTOCOLS[p["dataset"]]
     need(p.get("protocol") in (None, "", *protocols), "protocol", f"'' (the dataset's default) or one of {protocols}")
-    splits = range(10) if p["dataset"] in ("ilidsvid", "prid2011") else (0, 1)
+    own = dataset_entry(p["dataset"]).splits                               # iLIDS-VID, PRID-2011: their own 10 splits
+    splits = range(own) if own else (0, 1)
     need(p.get("split") is None or p["split"] in splits, "split", f"None (official) or one of {list(splits)}")
     need(count("trial"), "trial", "an integer >= 0")
     need(p.get("verify", "exists") in VERIFY_MODES, "verify", f"one of {VERIFY_MODES}")
