@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stmn-installed
 OUT    ?= runs/train
 
-.PHONY: setup kernel train test compare evaluate figures bench export clean-nbs readme
+.PHONY: setup kernel browser train test outputs docs compare evaluate figures bench export clean-nbs readme
 
 setup: $(STAMP) kernel
 
@@ -26,10 +26,28 @@ train: setup
 	@$(BIN)/python -c "import json; m = json.load(open('$(OUT)/metrics.json')); print(f\"rank-1 {100*m['rank1']:.1f}%  mAP {100*m['mAP']:.1f}%  (protocol {m['protocol']}, sampling {m['sampling']}, {m['n_query']} queries x {m['n_gallery']} gallery, {m['wall_seconds']:.0f} s)  -> $(OUT)/metrics.json\")"
 	@$(BIN)/python -c "import json, os; from stmn.evaluation import seed_band; b = 'bench/demo_band.json'; print(seed_band(json.load(open('$(OUT)/metrics.json')), json.load(open(b))) if os.path.exists(b) else f'no seed band: make compare writes {b}')"
 
-# Every test: the notebooks' own test cells (slow ones skipped), then the end-to-end suite.
-test: setup
-	$(BIN)/nbdev_test --n_workers 2
-	$(BIN)/python -m pytest tests -q
+# Debian's Chromium for the browser tests (apt-get, as root); where it cannot be installed, says so and those tests skip.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium with apt-get"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
+	  || echo "apt-get could not install chromium: the browser tests will be skipped"; \
+	else echo "chromium is not installed and cannot be here (apt-get needs root): the browser tests will be skipped"; fi
+
+# Every test: each notebook executed once in a fresh kernel as nbdev_test runs it (slow cells skipped), the component
+# notebooks' stored outputs compared with what they print now; then the suite, the site and JupyterLab in Chromium.
+test: setup browser
+	$(BIN)/python tests/notebooks.py check --workers 2
+	$(BIN)/python -m pytest tests -q -rs
+
+# Execute the component notebooks (00_*-10_*, index) in fresh kernels and store their outputs; commit them after.
+outputs: setup
+	$(BIN)/python tests/notebooks.py store --workers 2
+
+# The companion site: nbdev-processed notebooks rendered with their outputs -> _docs/index.html (offline, about a minute).
+docs: setup
+	$(BIN)/python nbs/_site/build.py
 
 # Developer helpers.
 export: $(STAMP)

@@ -1,0 +1,173 @@
+"""Build the companion site from the notebooks (`make docs` -> `_docs/index.html`), offline and without Quarto.
+
+1. nbdev's own document processors (those `nbdev_docs` gives Quarto) prepare each notebook: `#| hide` cells removed,
+   a `show_doc` cell (signature and docstring) after each exported name, rendered here from the installed module.
+   Two are left out: `rm_export`, so the exported code stays on the page, and `exec_show_docs`, which would execute
+   every cell that imports something (slow ones too) in a fresh namespace.
+2. JupyterLab's nbconvert template ("lab") renders each processed notebook, outputs included, with a sidebar in the
+   paper's order (`page.html.j2`); MathJax 3 is served from the site (from the `sphinx-mathjax-offline` package), so a
+   page fetches nothing from the network.
+3. Every relative link is checked: it names a page of the site or a file of the repository, which is copied in.
+Users who have Quarto keep `nbdev_docs`.
+"""
+from __future__ import annotations
+import argparse, html, os, re, shutil, sys, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+SECTIONS = [                                                  # the sidebar: the paper's order, then the jobs that run it
+    ("The paper's parts", r"^\d\d[a-z]?_"),
+    ("Jobs", r"^(train|evaluate|compare|sweep|figures|datasets|benchmark)$"),
+]
+JOBS_ORDER = ["train", "evaluate", "compare", "sweep", "figures", "datasets", "benchmark"]
+LINK = re.compile(r'(?P<attr>href|src)="(?P<url>[^"]*)"')
+
+
+def page_href(stem: str) -> str:
+    "Where a notebook's page lives in the site: the home page from index.ipynb, the others under nbs/ as in the repository."
+    return "index.html" if stem == "index" else f"nbs/{stem}.html"
+
+
+def processed_notebooks(out: Path) -> dict[str, Path]:
+    "nbdev's document processors over every notebook into `out`, without executing one: {stem: processed notebook}."
+    import importlib
+    from execnb.nbio import read_nb, write_nb
+    from nbdev.processors import FilterDefaults, _default_exp
+    from nbdev.showdoc import show_doc
+
+    class SiteProcessors(FilterDefaults):
+        "nbdev's processors less rm_export (the site shows the exported code) and exec_show_docs (it would execute every cell that imports something, slow ones too)."
+        def base_procs(self): return [p for p in super().base_procs() if p.__name__ not in ("rm_export", "exec_show_docs")]
+
+    out.mkdir(parents=True, exist_ok=True); done = {}
+    for path in sorted((ROOT / "nbs").glob("*.ipynb")):
+        nb = read_nb(path); module = _default_exp(nb)
+        SiteProcessors()(nb)
+        namespace = {"show_doc": show_doc, **(vars(importlib.import_module(f"stmn.{module}")) if module else {})}
+        for cell in nb.cells:                        # nbdev's show_doc cells, rendered from the installed module
+            call = re.search(r"^show_doc\((.+)\)\s*$", cell.get("source") or "", re.M)
+            if cell.cell_type == "code" and call:
+                doc = eval(f"show_doc({call[1]})", namespace)
+                cell.outputs = [{"output_type": "display_data", "metadata": {}, "data": {"text/markdown": doc._repr_markdown_()}}]
+        write_nb(nb, out / path.name); done[path.stem] = out / path.name
+    return done
+
+
+def front_matter(nb) -> dict:
+    "Title and description from the raw YAML cell nbdev puts first (removed from the notebook)."
+    import yaml
+    if nb.cells and nb.cells[0].cell_type == "raw" and nb.cells[0].source.startswith("---"):
+        meta = yaml.safe_load(nb.cells.pop(0).source.strip().strip("-")) or {}
+        return {k: meta.get(k, "") for k in ("title", "description")}
+    return {"title": "", "description": ""}
+
+
+def prepare(nb) -> None:
+    "Hide the input of `#| echo: false` cells, strip the `#|` directives, drop the cells left empty (`default_exp`)."
+    from nbdev.process import extract_directives
+    nb.cells = [c for c in nb.cells if "source" in c]                      # nbdev deletes the source of hidden cells
+    for cell in nb.cells:
+        if cell.cell_type != "code": continue
+        directives = extract_directives(cell, remove=False)
+        if directives.get("echo:", [""])[0] == "false": cell.metadata.setdefault("tags", []).append("remove-input")
+        cell.source = "\n".join(l for l in cell.source.splitlines() if not re.match(r"\s*#\|", l)).strip("\n")
+    nb.cells = [c for c in nb.cells if c.source.strip() or c.get("outputs")]
+
+
+def sections(stems: list[str]) -> list[dict]:
+    "The sidebar: each section's pages (title, href) in order."
+    out = []
+    for name, pattern in SECTIONS:
+        chosen = [s for s in stems if re.search(pattern, s)]
+        if name == "Jobs": chosen.sort(key=lambda s: JOBS_ORDER.index(s) if s in JOBS_ORDER else len(JOBS_ORDER))
+        out.append({"name": name, "pages": [{"stem": s, "href": page_href(s)} for s in chosen]})
+    return out
+
+
+def exporter(root: str):
+    "nbconvert's HTML exporter with the site's template; MathJax from the site's own copy."
+    from nbconvert import HTMLExporter
+    from nbconvert.preprocessors import TagRemovePreprocessor
+    ex = HTMLExporter(template_file=str(HERE / "page.html.j2"), exclude_input_prompt=True, exclude_output_prompt=True,
+                      mathjax_url=f"{root}_static/mathjax/tex-svg.js")
+    ex.register_preprocessor(TagRemovePreprocessor(remove_input_tags={"remove-input"}, enabled=True), enabled=True)
+    return ex
+
+
+def mathjax_folder() -> Path:
+    "MathJax 3 as the `sphinx-mathjax-offline` package ships it (the only PyPI package with MathJax 3's browser build)."
+    from importlib.metadata import PackageNotFoundError, distribution
+    try: folder = Path(distribution("sphinx-mathjax-offline").locate_file("sphinx-mathjax-offline/static/mathjax"))
+    except PackageNotFoundError: folder = None
+    if folder is None or not (folder / "tex-svg.js").exists():
+        raise SystemExit("make docs: MathJax 3 not found; `make setup` installs it (pip package sphinx-mathjax-offline)")
+    return folder
+
+
+def local_links(page: Path, text: str):
+    "The relative links and sources of a rendered page, resolved to paths inside the site (anchors dropped)."
+    for m in LINK.finditer(text):
+        url = html.unescape(m["url"]).split("#")[0].split("?")[0]
+        if not url or re.match(r"^[a-z][a-z0-9+.-]*:", url, re.I) or url.startswith("//"): continue
+        yield m["url"], (page.parent / url)
+
+
+def build(out: Path = ROOT / "_docs") -> list[Path]:
+    "Build the site into `out` (replaced); returns the pages written. Raises on a relative link that resolves nowhere."
+    import nbformat
+    start = time.time()
+    tmp = out.with_name(out.name + ".tmp"); shutil.rmtree(tmp, ignore_errors=True); (tmp / "nbs").mkdir(parents=True)
+    proc = processed_notebooks(tmp / "_proc")
+    stems = sorted(proc)
+    side = sections(stems)
+    order = ["index"] + [p["stem"] for s in side for p in s["pages"]]
+    notebooks, titles = {}, {}
+    for stem in order:
+        nb = nbformat.read(proc[stem], as_version=4)
+        meta = front_matter(nb); prepare(nb)
+        notebooks[stem], titles[stem] = (nb, meta), meta["title"] or stem
+    for s in side:
+        for p in s["pages"]: p["title"] = titles[p["stem"]]
+    shutil.rmtree(tmp / "_proc"); pages = []
+    for i, stem in enumerate(order):
+        nb, meta = notebooks[stem]
+        href = page_href(stem); root = "../" * href.count("/")
+        neighbour = lambda j: {"title": titles[order[j]], "href": page_href(order[j])} if 0 <= j < len(order) else None
+        site = dict(root=root, href=href, sections=side, title=meta["title"] if stem != "index" else "",
+                    description=meta["description"] if stem != "index" else "", source=f"nbs/{stem}.ipynb",
+                    previous=neighbour(i - 1), next=neighbour(i + 1))
+        body, _ = exporter(root).from_notebook_node(nb, resources={"site": site, "metadata": {"name": titles[stem]}})
+        body = re.sub(r'href="((?![a-z]+:)[^"#]*?)\.ipynb(#[^"]*)?"', r'href="\1.html\2"', body)   # notebook links -> pages
+        if root: body = re.sub(r'href="index\.html', 'href="../index.html', body)   # nbs/index.ipynb is the home page
+        (tmp / href).write_text(body, encoding="utf-8"); pages.append(tmp / href)
+    (tmp / "_static").mkdir()
+    shutil.copy(HERE / "site.css", tmp / "_static" / "site.css")
+    shutil.copytree(mathjax_folder(), tmp / "_static" / "mathjax")
+    broken = copy_linked_files(tmp, pages)
+    if broken: raise SystemExit("make docs: links that lead nowhere:\n" + "\n".join(broken))
+    shutil.rmtree(out, ignore_errors=True); os.replace(tmp, out)
+    shown = os.path.relpath(out, ROOT) if out.is_relative_to(ROOT) else out
+    print(f"{len(pages)} pages in {shown}/ ({time.time() - start:.0f} s); open {shown}/index.html")
+    return [out / p.relative_to(tmp) for p in pages]
+
+
+def copy_linked_files(site: Path, pages: list[Path]) -> list[str]:
+    "Copy each repository file a page links to (figures, bench tables) into the site; the links that resolve nowhere."
+    broken = []
+    for page in pages:
+        for url, target in local_links(page, page.read_text(encoding="utf-8")):
+            target = Path(os.path.normpath(target))
+            if target.exists(): continue
+            try: source = ROOT / target.relative_to(site)
+            except ValueError: source = None
+            if source is not None and source.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True); shutil.copy(source, target)
+            else: broken.append(f"  {page.relative_to(site)}: {url}")
+    return broken
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "_docs"), help="the site's folder (replaced)")
+    build(Path(parser.parse_args().out).resolve())

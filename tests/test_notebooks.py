@@ -1,0 +1,78 @@
+"""The component notebooks are committed executed, and `tests/notebooks.py check` (in `make test`) catches stale outputs."""
+from __future__ import annotations
+import json, shutil, subprocess, sys
+from pathlib import Path
+
+import nbformat
+
+from notebooks import (NBS, ROOT, comparable, numbers_close, sanitise, stale_cells, stores_outputs, texts_match)
+
+
+def test_sanitise_times_paths_addresses():
+    assert sanitise("done in 12.5 s at <object at 0x7f3a2b1c4d90> -> /tmp/tmpab12/metrics.json") == \
+        "done in <time> at <object at 0x<address>> -> <path>"
+    assert sanitise("2026-12-02 00:18:39 took 3 min, 40 ms") == "<timestamp> took <time>, <time>"
+    assert sanitise("rank-1 57.4% over 3/4 of the ids; x/y") == "rank-1 57.4% over 3/4 of the ids; x/y"
+
+
+def test_numbers_with_a_tolerance():
+    assert numbers_close("0.1234", "0.1235") and numbers_close("57.4", "57.3")       # one unit of the last digit
+    assert not numbers_close("0.1234", "0.1237") and not numbers_close("57.4", "57.6")
+    assert numbers_close("0.9999998211860657", "0.9999997615814209")                  # float32 noise, full repr
+    assert numbers_close("1e-8", "3e-8") and not numbers_close("0.5", "0.7")
+    assert numbers_close("24", "24") and not numbers_close("24", "25")                # integers exactly
+    assert texts_match("spread 0.300 → 0.021", "spread 0.300 → 0.022")
+    assert not texts_match("spread 0.300 → 0.021", "spread 0.300 → 0.121")
+    assert not texts_match("channel: [0.99]", "cosine: [0.99]")
+    assert texts_match("loss 7.589", "loss 7.701", compare_numbers=False)
+
+
+def test_comparable_outputs():
+    outs = [{"output_type": "stream", "name": "stdout", "text": ["a 1.0\n"]},
+            {"output_type": "stream", "name": "stdout", "text": "b\n"},
+            {"output_type": "stream", "name": "stderr", "text": "warning at /x/y.py\n"},
+            {"output_type": "display_data", "data": {"image/png": "iVBOR", "text/plain": "<Figure>"}},
+            {"output_type": "execute_result", "data": {"text/plain": "tensor([1., 2.])"}, "execution_count": None}]
+    assert comparable(outs) == [("stdout", "a 1.0\nb\n"), ("image", "image/png"), ("text/plain", "tensor([1., 2.])")]
+
+
+def test_every_component_notebook_is_stored_with_outputs():
+    "A fresh clone shows numbers (and, where the notebook draws one, a figure) without running anything."
+    component = [p for p in sorted(NBS.glob("*.ipynb")) if stores_outputs(p) and p.stem != "index"]
+    assert len(component) >= 20
+    empty, figures = [], []
+    for path in component:
+        outs = [o for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code" for o in c["outputs"]]
+        if not outs: empty.append(path.name)
+        if any(m in o.get("data", {}) for o in outs for m in ("image/png", "image/jpeg")): figures.append(path.name)
+    assert not empty, f"notebooks committed without outputs (make outputs): {empty}"
+    assert "04_memory.ipynb" in figures and len(figures) >= len(component) // 2, figures
+    for path in sorted(NBS.glob("*.ipynb")):
+        if not stores_outputs(path):
+            assert not any(c.get("outputs") for c in json.loads(path.read_text())["cells"]), f"{path.name}: job notebooks stay clean"
+
+
+def test_an_edited_notebook_fails_the_staleness_check(tmp_path):
+    "Change a printed value in 04_memory without re-executing it: `check` fails and names the cell."
+    copy = tmp_path / "04_memory.ipynb"
+    nb = nbformat.read(NBS / "04_memory.ipynb", as_version=4)
+    edited = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith("D, M = 256, 10")]
+    assert len(edited) == 1 and edited[0].outputs, "04_memory's sharpening cell, stored with its output"
+    edited[0].source = edited[0].source.replace("D, M = 256, 10", "D, M = 256, 12")
+    nbformat.write(nb, copy)
+    run = subprocess.run([sys.executable, str(ROOT / "tests/notebooks.py"), "check", str(copy), "--workers", "1"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "04_memory.ipynb, cell" in run.stderr and "'D, M = 256, 12'" in run.stderr and "stdout differs" in run.stderr
+    assert "make outputs" in run.stderr
+
+
+def test_stale_cells_names_the_cell():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(1.5)")])
+    nb.cells[0].outputs = [nbformat.v4.new_output("stream", name="stdout", text="1.5\n")]
+    fresh = nbformat.reads(nbformat.writes(nb), as_version=4)
+    assert stale_cells(nb, fresh, "x.ipynb") == []
+    fresh.cells[0].outputs[0].text = "2.5\n"
+    assert stale_cells(nb, fresh, "x.ipynb") == ["x.ipynb, cell 0 ('print(1.5)'): stdout differs, line 1: stored '1.5', now '2.5'"]
+    fresh.cells[0].metadata["tags"] = ["outputs-vary"]
+    assert stale_cells(nb, fresh, "x.ipynb") == []
