@@ -39,7 +39,7 @@ browser:
 # notebooks' stored outputs compared with what they print now; then the suite, the site and JupyterLab in Chromium.
 test: setup browser
 	$(BIN)/python tests/notebooks.py check --workers 2
-	$(BIN)/python -m pytest tests -q -rs
+	$(BIN)/python -m pytest tests -q -rs --durations=12
 
 # Execute the component notebooks (00_*-10_*, index) in fresh kernels and store their outputs; commit them after.
 outputs: setup

@@ -48,10 +48,16 @@ def processed_notebooks(out: Path) -> dict[str, Path]:
         for cell in nb.cells:                        # nbdev's show_doc cells, rendered from the installed module
             call = re.search(r"^show_doc\((.+)\)\s*$", cell.get("source") or "", re.M)
             if cell.cell_type == "code" and call:
-                doc = eval(f"show_doc({call[1]})", namespace)
-                cell.outputs = [{"output_type": "display_data", "metadata": {}, "data": {"text/markdown": doc._repr_markdown_()}}]
+                doc = local_source(eval(f"show_doc({call[1]})", namespace)._repr_markdown_())
+                cell.outputs = [{"output_type": "display_data", "metadata": {}, "data": {"text/markdown": doc}}]
         write_nb(nb, out / path.name); done[path.stem] = out / path.name
     return done
+
+
+def local_source(markdown: str) -> str:
+    "show_doc's `[source](git_url/blob/…){Quarto attributes}` as a link to the module in this site (pages live in nbs/)."
+    return re.sub(r"\[source\]\(https?://[^)]*?/blob/[^/)]+/(?P<path>[^)#]+)(?:#[^)]*)?\)(?:\{[^}]*\})?",
+                  lambda m: f"[source](../{m['path']})", markdown)
 
 
 def front_matter(nb) -> dict:
@@ -141,6 +147,7 @@ def build(out: Path = ROOT / "_docs") -> list[Path]:
         body = re.sub(r'href="((?![a-z]+:)[^"#]*?)\.ipynb(#[^"]*)?"', r'href="\1.html\2"', body)   # notebook links -> pages
         if root: body = re.sub(r'href="index\.html', 'href="../index.html', body)   # nbs/index.ipynb is the home page
         (tmp / href).write_text(body, encoding="utf-8"); pages.append(tmp / href)
+    local_doc_links(tmp, pages, stems)
     (tmp / "_static").mkdir()
     shutil.copy(HERE / "site.css", tmp / "_static" / "site.css")
     shutil.copytree(mathjax_folder(), tmp / "_static" / "mathjax")
@@ -150,6 +157,24 @@ def build(out: Path = ROOT / "_docs") -> list[Path]:
     shown = os.path.relpath(out, ROOT) if out.is_relative_to(ROOT) else out
     print(f"{len(pages)} pages in {shown}/ ({time.time() - start:.0f} s); open {shown}/index.html")
     return [out / p.relative_to(tmp) for p in pages]
+
+
+def local_doc_links(site: Path, pages: list[Path], stems: list[str]) -> None:
+    "Point nbdev's links from a `name` in backticks to its documentation (`doc_host` pages) at this site's pages."
+    from nbdev.config import get_config
+    cfg = get_config(); host = re.escape(cfg.doc_host.rstrip("/") + "/" + cfg.doc_baseurl.strip("/"))
+    numbered_last = sorted(stems, key=lambda s: bool(re.match(r"\d", s)))   # 09_sweep, which exports, wins over sweep
+    by_doc_page = {re.sub(r"^\d+[a-z]?_", "", s): s for s in numbered_last}   # nbdev names 04_memory's page memory.html
+    ids = {p: set(re.findall(r'\sid="([^"]+)"', p.read_text(encoding="utf-8"))) for p in pages}
+    for page in pages:
+        def local(m):
+            stem = by_doc_page.get(m["page"])
+            if stem is None: return m[0]
+            target = site / page_href(stem)
+            anchor = next((i for i in ids.get(target, ()) if i.lower() == m["anchor"].lower()), m["anchor"])
+            return f'href="{os.path.relpath(target, page.parent)}#{anchor}"'
+        text = re.sub(rf'href="{host}/(?P<page>[\w-]+)\.html#(?P<anchor>[^"]*)"', local, page.read_text(encoding="utf-8"))
+        page.write_text(text, encoding="utf-8")
 
 
 def copy_linked_files(site: Path, pages: list[Path]) -> list[str]:
