@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stmn-installed
 OUT    ?= runs/train
 
-.PHONY: setup kernel browser train test outputs docs compare evaluate figures bench export clean-nbs readme
+.PHONY: setup kernel browser slurm train test outputs docs compare evaluate figures bench export clean-nbs readme
 
 setup: $(STAMP) kernel
 
@@ -35,9 +35,14 @@ browser:
 	  || echo "apt-get could not install chromium: the browser tests will be skipped"; \
 	else echo "chromium is not installed and cannot be here (apt-get needs root): the browser tests will be skipped"; fi
 
+# A one-node SLURM cluster for the sweep tests (apt-get and the daemons, as root; idempotent); where it cannot start,
+# says why and those tests skip.
+slurm:
+	@bash tests/cluster/start_slurm.sh
+
 # Every test: each notebook executed once in a fresh kernel as nbdev_test runs it (slow cells skipped), the component
 # notebooks' stored outputs compared with what they print now; then the suite, the site and JupyterLab in Chromium.
-test: setup browser
+test: setup browser slurm
 	$(BIN)/python tests/notebooks.py check --workers 2
 	$(BIN)/python -m pytest tests -q -rs --durations=12
 

@@ -14,8 +14,8 @@ from .ste_nvan import STENVAN, STENVANConfig, STE_NVAN_RECIPE
 
 # %% auto #0
 __all__ = ['PAPER_RECIPE', 'SYNTH_RECIPE', 'RECIPES', 'NAMED_RECIPES', 'MODEL_KINDS', 'AMP_MODES', 'resolve_params',
-           'resolve_amp', 'auto_workers', 'speed_settings', 'validate_params', 'build_model', 'parameters_since',
-           'shared_parameters', 'recipe_disagreements']
+           'resolve_amp', 'allocated_cpus', 'auto_workers', 'speed_settings', 'validate_params', 'build_model',
+           'parameters_since', 'shared_parameters', 'recipe_disagreements']
 
 # %% ../nbs/08_recipes.ipynb #51001c2a
 PAPER_RECIPE = dict(
@@ -69,11 +69,18 @@ def resolve_amp(amp: str | None, device) -> str:
         raise ValueError(f"amp={amp!r}: expected '' (bf16 on CUDA, fp32 on CPU) or one of {AMP_MODES}")
     return amp or ("bf16" if torch.device(device).type == "cuda" else "fp32")
 
-def auto_workers(device_type: str) -> int:
-    "Data-loader processes for training on `device_type`: 0 on CPU, else cores per GPU − 1 (1 to 12)."
+def allocated_cpus() -> int:
+    "CPUs this process may use: its affinity mask (`taskset`, a container), capped by `SLURM_CPUS_PER_TASK` in a SLURM task."
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return max(1, min(n, int(slurm)) if slurm.isdigit() else n)   # SLURM without cgroups leaves the mask whole
+
+def auto_workers(device_type: str, cpus: int | None = None, gpus: int | None = None) -> int:
+    "Data-loader processes on `device_type`: 0 on CPU, else the allocation's CPUs per GPU − 1 (1 to 12)."
     if device_type != "cuda": return 0
-    per_gpu = (os.cpu_count() or 2) // max(1, torch.cuda.device_count())
-    return max(1, min(12, per_gpu - 1))
+    cpus = allocated_cpus() if cpus is None else cpus
+    gpus = max(1, torch.cuda.device_count() if gpus is None else gpus)
+    return max(1, min(12, cpus // gpus - 1))
 
 def speed_settings(p: dict, device) -> dict:
     "`amp`, `channels_last`, `compile`, `workers`, `async_save` of `p`, unset ones (None, '', −1) resolved for `device`."
@@ -102,7 +109,7 @@ def validate_params(p: dict, n_train_ids: int | None = None):
     need(p["model"] != "ste_nvan" or p["L"] % 4 == 0, "L", "a multiple of 4 for model='ste_nvan' (two pairwise merges)")
     need(p.get("nl_scope", "pair") in ("pair", "all"), "nl_scope", "'pair' (STE-NVAN's code) or 'all' (its paper)")
     need(p["test_sampling"] in SAMPLING_MODES, "test_sampling", f"one of {SAMPLING_MODES}")
-    need(p.get("workers") in (None, -1) or count("workers"), "workers", "an integer >= 0, or -1 (from the core count)")
+    need(p.get("workers") in (None, -1) or count("workers"), "workers", "an integer >= 0, or -1 (from the CPUs allotted)")
     need(p.get("amp") in (None, "", *AMP_MODES), "amp", f"'' (bf16 on CUDA, fp32 on CPU) or one of {AMP_MODES}")
     need(p.get("channels_last") in (None, "", True, False), "channels_last", "True, False or None (True on CUDA)")
     need(count("ckpt_every"), "ckpt_every", "an integer >= 0 (steps between checkpoints; 0: each epoch)")

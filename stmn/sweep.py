@@ -9,12 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np
 import pandas as pd
+from .base import save_json
 
 # %% auto #0
-__all__ = ['PAPER_DEFAULTS', 'GRIDS', 'ABLATION_ROWS', 'SWEPT', 'PRESETS', 'NOT_TRAIN_PARAMS', 'RUN_COLUMNS', 'PAPER_TABLES_CSV',
-           'configs', 'run_params', 'run_name', 'plan', 'notebook_parameters', 'check_parameters', 'notebook_params',
-           'status', 'execute_run', 'run_local', 'SlurmRun', 'run_slurm', 'collect', 'table', 'paper_table', 'marks',
-           'render', 'winner_test', 'heatmap', 'write_tables', 'describe', 'sweep']
+__all__ = ['PAPER_DEFAULTS', 'GRIDS', 'ABLATION_ROWS', 'SWEPT', 'PRESETS', 'NOT_TRAIN_PARAMS', 'CLUSTER_STATUS', 'SLURM_DEFAULTS',
+           'RUN_COLUMNS', 'PAPER_TABLES_CSV', 'configs', 'run_params', 'run_name', 'plan', 'notebook_parameters',
+           'check_parameters', 'notebook_params', 'status', 'execute_run', 'run_local', 'SlurmRun', 'run_slurm',
+           'job_of', 'cluster_states', 'sweep_status', 'slurm_resources', 'describe_resources', 'collect', 'table',
+           'paper_table', 'marks', 'render', 'winner_test', 'heatmap', 'write_tables', 'describe', 'sweep']
 
 # %% ../nbs/09_sweep.ipynb #2548a12e
 PAPER_DEFAULTS = dict(model="stmn", M=10, N=5, alpha=0.3, L=6, spatial_memory=True, temporal_memory=True, spread_loss=True)
@@ -128,12 +130,72 @@ class SlurmRun:
 def run_slurm(runs: list[dict], out_dir, notebook, cwd=".", timeout=None, cluster: str | None = None,
               parallelism: int = 16, slurm: dict | None = None, wait: bool = True):
     "Submit `runs` as a SLURM job array through submitit (`cluster='local'`/`'debug'` for tests); wait for them or not."
-    import submitit
+    import shutil, submitit
+    if cluster is None and shutil.which("sbatch") is None:
+        raise RuntimeError("executor='slurm': no SLURM here (sbatch not found on PATH); use executor='local' to run on this machine")
     ex = submitit.AutoExecutor(folder=str(Path(out_dir)/"submitit"), cluster=cluster)
     ex.update_parameters(**({"slurm_array_parallelism": parallelism} if ex.cluster == "slurm" else {}), **(slurm or {}))
-    todo = [r for r in runs if status(Path(out_dir)/"runs"/r["name"]) != "done"]
+    queued = set(cluster_states()) if ex.cluster == "slurm" else set()
+    todo = [r for r in runs if status(Path(out_dir)/"runs"/r["name"]) != "done" and job_of(Path(out_dir)/"runs"/r["name"]) not in queued]
     jobs = ex.submit_array([SlurmRun(r, out_dir, notebook, cwd, timeout) for r in todo]) if todo else []
+    for job, r in zip(jobs, todo):                                   # each run folder names its job, for the status table
+        (Path(out_dir)/"runs"/r["name"]).mkdir(parents=True, exist_ok=True)
+        save_json(dict(job_id=str(job.job_id), submitted=time.time()), Path(out_dir)/"runs"/r["name"]/"slurm.json")
     return [j.result() for j in jobs] if wait else jobs
+
+def job_of(run_dir) -> str | None:
+    "The SLURM job id a run was last submitted as (`slurm.json` in its folder), if any."
+    f = Path(run_dir)/"slurm.json"
+    return json.loads(f.read_text())["job_id"] if f.exists() else None
+
+def cluster_states() -> dict:
+    "{job id: state} of every job SLURM still knows, one line per array task ('12_3': 'RUNNING'); {} without SLURM."
+    import shutil, subprocess
+    if shutil.which("squeue") is None: return {}
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T"], capture_output=True, text=True).stdout
+    return dict(line.split()[:2] for line in out.splitlines() if len(line.split()) >= 2)
+
+CLUSTER_STATUS = {"PENDING": "pending", "CONFIGURING": "pending", "RUNNING": "running", "COMPLETING": "running",
+                  "SUSPENDED": "running", "REQUEUED": "requeued", "REQUEUE_HOLD": "requeued", "REQUEUE_FED": "requeued"}
+
+def sweep_status(runs: list[dict], out_dir, states: dict | None = None) -> pd.DataFrame:
+    "One row per run: done / failed from its folder, else pending / running / requeued from SLURM, else not submitted / lost."
+    states = cluster_states() if states is None else states
+    rows = []
+    for r in runs:
+        run_dir = Path(out_dir)/"runs"/r["name"]; job = job_of(run_dir); state = states.get(job, "") if job else ""
+        s = status(run_dir)
+        if s == "pending":
+            s = CLUSTER_STATUS.get(state, state.lower()) if state else ("not submitted" if job is None else "lost: not queued, no result")
+        rows.append(dict(name=r["name"], status=s, job=job or "", slurm_state=state))
+    return pd.DataFrame(rows, columns=["name", "status", "job", "slurm_state"])
+
+# %% ../nbs/09_sweep.ipynb #5e1a0c02
+SLURM_DEFAULTS = {                      # one task = one training run
+    "paper": dict(gpus_per_task=1, cpus_per_task=8, mem_gb=48, time_min=72 * 60),   # ResNet-50, 200 epochs, 7 loaders
+    "smoke": dict(gpus_per_task=0, cpus_per_task=2, mem_gb=4, time_min=60),         # ResNet-10 on the synthetic set, CPU
+}
+
+def slurm_resources(preset: str, gpus_per_task: int = -1, cpus_per_task: int = 0, mem_gb: int = 0, time_min: int = 0,
+                    partition: str = "", account: str = "", qos: str = "", constraint: str = "", options: dict | None = None) -> dict:
+    "submitit's parameters for one task: the preset's `SLURM_DEFAULTS` where unset (−1, 0, ''), sbatch `options` passed through."
+    if preset not in SLURM_DEFAULTS: raise ValueError(f"preset={preset!r}: expected one of {tuple(SLURM_DEFAULTS)}")
+    for name, v, low in (("gpus_per_task", gpus_per_task, -1), ("cpus_per_task", cpus_per_task, 0), ("mem_gb", mem_gb, 0), ("time_min", time_min, 0)):
+        if not isinstance(v, int) or v < low: raise ValueError(f"{name}={v!r}: expected an integer >= {low} ({low}: the preset's)")
+    d = SLURM_DEFAULTS[preset]
+    gpus = d["gpus_per_task"] if gpus_per_task < 0 else gpus_per_task
+    out = dict(timeout_min=time_min or d["time_min"], cpus_per_task=cpus_per_task or d["cpus_per_task"], mem_gb=mem_gb or d["mem_gb"])
+    if gpus: out["gpus_per_node"] = gpus                          # one task per node: its GPUs; none asked for on a CPU partition
+    out.update({f"slurm_{k}": v for k, v in dict(partition=partition, account=account, qos=qos, constraint=constraint).items() if v})
+    if options: out["slurm_additional_parameters"] = dict(options)
+    return out
+
+def describe_resources(params: dict) -> str:
+    "One line: what each task of a sweep asks SLURM for."
+    named = {k[6:]: v for k, v in params.items() if k.startswith("slurm_") and k != "slurm_additional_parameters"}
+    return (f"per task: {params.get('gpus_per_node', 0)} GPU(s), {params['cpus_per_task']} CPU(s), {params['mem_gb']} GB, "
+            f"{params['timeout_min']} min" + "".join(f", {k} {v}" for k, v in named.items())
+            + "".join(f", --{k}={v}" for k, v in params.get("slurm_additional_parameters", {}).items()))
 
 # %% ../nbs/09_sweep.ipynb #1dcaf485
 RUN_COLUMNS = ("name", "status", "model", "M", "N", "alpha", "L", "spatial_memory", "temporal_memory", "spread_loss", "preset", "trial",
@@ -294,12 +356,15 @@ def describe(tabs: dict) -> str:
     return "\n".join(out)
 
 def sweep(grid: str = "all", preset: str = "smoke", trials: int = 2, out_dir="runs/sweep", executor: str = "local", workers: int = 1,
-          notebook="nbs/train.ipynb", cwd=".", extra: dict | None = None, timeout=None, figure=None, slurm: dict | None = None) -> dict:
-    "Plan, check, run (skipping finished runs), collect and tabulate one sweep; returns the tables."
+          notebook="nbs/train.ipynb", cwd=".", extra: dict | None = None, timeout=None, figure=None, slurm: dict | None = None,
+          wait: bool = True) -> dict:
+    "Plan, check, run (skipping finished runs), collect and tabulate one sweep; returns the tables (of what is done)."
     runs = plan(grid, preset, trials, extra)
     check_parameters(runs, notebook)
     if executor == "local": run_local(runs, out_dir, notebook, workers, cwd, timeout)
     elif executor in ("slurm", "submitit-local", "submitit-debug"):
-        run_slurm(runs, out_dir, notebook, cwd, timeout, cluster=None if executor == "slurm" else executor.split("-")[1], parallelism=workers, slurm=slurm)
+        jobs = run_slurm(runs, out_dir, notebook, cwd, timeout, cluster=None if executor == "slurm" else executor.split("-")[1],
+                         parallelism=workers, slurm=slurm, wait=wait)
+        if not wait: print(f"submitted {len(jobs)} run(s)" + (f": jobs {jobs[0].job_id} … {jobs[-1].job_id}" if jobs else " (none left to submit)"))
     else: raise ValueError(f"executor={executor!r}: expected 'local', 'slurm', 'submitit-local' or 'submitit-debug'")
     return write_tables(collect(out_dir), list(GRIDS) if grid == "all" else [grid], preset, trials, out_dir, extra, figure)
