@@ -136,11 +136,12 @@ def run_slurm(runs: list[dict], out_dir, notebook, cwd=".", timeout=None, cluste
     ex = submitit.AutoExecutor(folder=str(Path(out_dir)/"submitit"), cluster=cluster)
     ex.update_parameters(**({"slurm_array_parallelism": parallelism} if ex.cluster == "slurm" else {}), **(slurm or {}))
     queued = set(cluster_states()) if ex.cluster == "slurm" else set()
-    todo = [r for r in runs if status(Path(out_dir)/"runs"/r["name"]) != "done" and job_of(Path(out_dir)/"runs"/r["name"]) not in queued]
+    run_dir = lambda r: Path(out_dir)/"runs"/r["name"]
+    todo = [r for r in runs if status(run_dir(r)) != "done" and job_of(run_dir(r)) not in queued]
     jobs = ex.submit_array([SlurmRun(r, out_dir, notebook, cwd, timeout) for r in todo]) if todo else []
     for job, r in zip(jobs, todo):                                   # each run folder names its job, for the status table
-        (Path(out_dir)/"runs"/r["name"]).mkdir(parents=True, exist_ok=True)
-        save_json(dict(job_id=str(job.job_id), submitted=time.time()), Path(out_dir)/"runs"/r["name"]/"slurm.json")
+        run_dir(r).mkdir(parents=True, exist_ok=True)
+        save_json(dict(job_id=str(job.job_id), submitted=time.time()), run_dir(r)/"slurm.json")
     return [j.result() for j in jobs] if wait else jobs
 
 def job_of(run_dir) -> str | None:

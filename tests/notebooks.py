@@ -195,7 +195,8 @@ def main(argv=None) -> int:
     for p in paths:
         if not p.exists(): parser.error(f"no notebook {p}")
     paths.sort(key=lambda p: (p.stem not in SLOWEST_FIRST, SLOWEST_FIRST.index(p.stem) if p.stem in SLOWEST_FIRST else 0))
-    threads = max(1, len(os.sched_getaffinity(0)) // args.workers) if args.workers > 1 else 0
+    from stmn.recipes import allocated_cpus                             # the affinity mask, capped by SLURM_CPUS_PER_TASK
+    threads = max(1, allocated_cpus() // args.workers) if args.workers > 1 else 0
     problems, stale, start = [], False, time.time()
     with concurrent.futures.ProcessPoolExecutor(args.workers, max_tasks_per_child=1) as pool:
         jobs = [pool.submit(run_one, str(p), args.mode, threads) for p in paths]

@@ -11,16 +11,13 @@
 Users who have Quarto keep `nbdev_docs`.
 """
 from __future__ import annotations
-import argparse, html, os, re, shutil, sys, time
+import argparse, functools, html, os, re, shutil, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-SECTIONS = [                                                  # the sidebar: the paper's order, then the jobs that run it
-    ("The paper's parts", r"^\d\d[a-z]?_"),
-    ("Jobs", r"^(train|evaluate|compare|sweep|figures|datasets|benchmark)$"),
-]
-JOBS_ORDER = ["train", "evaluate", "compare", "sweep", "figures", "datasets", "benchmark"]
+PART = re.compile(r"^\d\d[a-z]?_")                           # a component notebook: a part of the paper, in its order
+JOBS_ORDER = ["train", "evaluate", "compare", "sweep", "figures", "datasets", "benchmark"]   # then the jobs that run it
 LINK = re.compile(r'(?P<attr>href|src)="(?P<url>[^"]*)"')
 
 
@@ -29,10 +26,10 @@ def page_href(stem: str) -> str:
     return "index.html" if stem == "index" else f"nbs/{stem}.html"
 
 
-def processed_notebooks(out: Path) -> dict[str, Path]:
-    "nbdev's document processors over every notebook into `out`, without executing one: {stem: processed notebook}."
-    import importlib
-    from execnb.nbio import read_nb, write_nb
+def processed_notebooks() -> dict:
+    "nbdev's document processors over every notebook, without executing one: {stem: processed notebook}."
+    import importlib, nbformat
+    from execnb.nbio import nb2str, read_nb
     from nbdev.processors import FilterDefaults, _default_exp
     from nbdev.showdoc import show_doc
 
@@ -40,7 +37,7 @@ def processed_notebooks(out: Path) -> dict[str, Path]:
         "nbdev's processors less rm_export (the site shows the exported code) and exec_show_docs (it would execute every cell that imports something, slow ones too)."
         def base_procs(self): return [p for p in super().base_procs() if p.__name__ not in ("rm_export", "exec_show_docs")]
 
-    out.mkdir(parents=True, exist_ok=True); done = {}
+    done = {}
     for path in sorted((ROOT / "nbs").glob("*.ipynb")):
         nb = read_nb(path); module = _default_exp(nb)
         SiteProcessors()(nb)
@@ -50,7 +47,7 @@ def processed_notebooks(out: Path) -> dict[str, Path]:
             if cell.cell_type == "code" and call:
                 doc = local_source(eval(f"show_doc({call[1]})", namespace)._repr_markdown_())
                 cell.outputs = [{"output_type": "display_data", "metadata": {}, "data": {"text/markdown": doc}}]
-        write_nb(nb, out / path.name); done[path.stem] = out / path.name
+        done[path.stem] = nbformat.reads(nb2str(nb), as_version=4)       # execnb's notebook as nbformat's, in memory
     return done
 
 
@@ -83,16 +80,15 @@ def prepare(nb) -> None:
 
 def sections(stems: list[str]) -> list[dict]:
     "The sidebar: each section's pages (title, href) in order."
-    out = []
-    for name, pattern in SECTIONS:
-        chosen = [s for s in stems if re.search(pattern, s)]
-        if name == "Jobs": chosen.sort(key=lambda s: JOBS_ORDER.index(s) if s in JOBS_ORDER else len(JOBS_ORDER))
-        out.append({"name": name, "pages": [{"stem": s, "href": page_href(s)} for s in chosen]})
-    return out
+    parts = [s for s in stems if PART.match(s)]
+    jobs = [s for s in JOBS_ORDER if s in stems] + [s for s in stems if s not in JOBS_ORDER and s != "index" and not PART.match(s)]
+    return [{"name": name, "pages": [{"stem": s, "href": page_href(s)} for s in chosen]}
+            for name, chosen in (("The paper's parts", parts), ("Jobs", jobs))]
 
 
+@functools.cache
 def exporter(root: str):
-    "nbconvert's HTML exporter with the site's template; MathJax from the site's own copy."
+    "nbconvert's HTML exporter with the site's template, one per folder depth; MathJax from the site's own copy."
     from nbconvert import HTMLExporter
     from nbconvert.preprocessors import TagRemovePreprocessor
     ex = HTMLExporter(template_file=str(HERE / "page.html.j2"), exclude_input_prompt=True, exclude_output_prompt=True,
@@ -121,21 +117,20 @@ def local_links(page: Path, text: str):
 
 def build(out: Path = ROOT / "_docs") -> list[Path]:
     "Build the site into `out` (replaced); returns the pages written. Raises on a relative link that resolves nowhere."
-    import nbformat
     start = time.time()
     tmp = out.with_name(out.name + ".tmp"); shutil.rmtree(tmp, ignore_errors=True); (tmp / "nbs").mkdir(parents=True)
-    proc = processed_notebooks(tmp / "_proc")
+    proc = processed_notebooks()
     stems = sorted(proc)
     side = sections(stems)
     order = ["index"] + [p["stem"] for s in side for p in s["pages"]]
     notebooks, titles = {}, {}
     for stem in order:
-        nb = nbformat.read(proc[stem], as_version=4)
+        nb = proc[stem]
         meta = front_matter(nb); prepare(nb)
         notebooks[stem], titles[stem] = (nb, meta), meta["title"] or stem
     for s in side:
         for p in s["pages"]: p["title"] = titles[p["stem"]]
-    shutil.rmtree(tmp / "_proc"); pages = []
+    pages = {}                                                            # {page path: its HTML}, written once
     for i, stem in enumerate(order):
         nb, meta = notebooks[stem]
         href = page_href(stem); root = "../" * href.count("/")
@@ -146,8 +141,9 @@ def build(out: Path = ROOT / "_docs") -> list[Path]:
         body, _ = exporter(root).from_notebook_node(nb, resources={"site": site, "metadata": {"name": titles[stem]}})
         body = re.sub(r'href="((?![a-z]+:)[^"#]*?)\.ipynb(#[^"]*)?"', r'href="\1.html\2"', body)   # notebook links -> pages
         if root: body = re.sub(r'href="index\.html', 'href="../index.html', body)   # nbs/index.ipynb is the home page
-        (tmp / href).write_text(body, encoding="utf-8"); pages.append(tmp / href)
+        pages[tmp / href] = body
     local_doc_links(tmp, pages, stems)
+    for page, body in pages.items(): page.write_text(body, encoding="utf-8")
     (tmp / "_static").mkdir()
     shutil.copy(HERE / "site.css", tmp / "_static" / "site.css")
     shutil.copytree(mathjax_folder(), tmp / "_static" / "mathjax")
@@ -159,13 +155,13 @@ def build(out: Path = ROOT / "_docs") -> list[Path]:
     return [out / p.relative_to(tmp) for p in pages]
 
 
-def local_doc_links(site: Path, pages: list[Path], stems: list[str]) -> None:
+def local_doc_links(site: Path, pages: dict, stems: list[str]) -> None:
     "Point nbdev's links from a `name` in backticks to its documentation (`doc_host` pages) at this site's pages."
     from nbdev.config import get_config
     cfg = get_config(); host = re.escape(cfg.doc_host.rstrip("/") + "/" + cfg.doc_baseurl.strip("/"))
     numbered_last = sorted(stems, key=lambda s: bool(re.match(r"\d", s)))   # 09_sweep, which exports, wins over sweep
     by_doc_page = {re.sub(r"^\d+[a-z]?_", "", s): s for s in numbered_last}   # nbdev names 04_memory's page memory.html
-    ids = {p: set(re.findall(r'\sid="([^"]+)"', p.read_text(encoding="utf-8"))) for p in pages}
+    ids = {p: set(re.findall(r'\sid="([^"]+)"', body)) for p, body in pages.items()}
     for page in pages:
         def local(m):
             stem = by_doc_page.get(m["page"])
@@ -173,15 +169,14 @@ def local_doc_links(site: Path, pages: list[Path], stems: list[str]) -> None:
             target = site / page_href(stem)
             anchor = next((i for i in ids.get(target, ()) if i.lower() == m["anchor"].lower()), m["anchor"])
             return f'href="{os.path.relpath(target, page.parent)}#{anchor}"'
-        text = re.sub(rf'href="{host}/(?P<page>[\w-]+)\.html#(?P<anchor>[^"]*)"', local, page.read_text(encoding="utf-8"))
-        page.write_text(text, encoding="utf-8")
+        pages[page] = re.sub(rf'href="{host}/(?P<page>[\w-]+)\.html#(?P<anchor>[^"]*)"', local, pages[page])
 
 
-def copy_linked_files(site: Path, pages: list[Path]) -> list[str]:
+def copy_linked_files(site: Path, pages: dict) -> list[str]:
     "Copy each repository file a page links to (figures, bench tables) into the site; the links that resolve nowhere."
     broken = []
-    for page in pages:
-        for url, target in local_links(page, page.read_text(encoding="utf-8")):
+    for page, body in pages.items():
+        for url, target in local_links(page, body):
             target = Path(os.path.normpath(target))
             if target.exists(): continue
             try: source = ROOT / target.relative_to(site)
