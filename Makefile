@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stmn-installed
 OUT    ?= runs/train
 
-.PHONY: setup kernel browser slurm train test outputs docs compare evaluate figures bench export clean-nbs readme
+.PHONY: setup kernel browser slurm train test outputs docs compare evaluate figures bench gpu-check gpu-wheels export clean-nbs readme
 
 setup: $(STAMP) kernel
 
@@ -53,6 +53,23 @@ outputs: setup
 # The companion site: nbdev-processed notebooks rendered with their outputs -> _docs/index.html (offline, about a minute).
 docs: setup
 	$(BIN)/python nbs/_site/build.py
+
+# The GPU path in one command: every CUDA branch checked and measured in under 8 minutes on one H100-class GPU, results
+# written section by section to bench/gpu.md and bench/gpu.json (WHEELS=wheels/py3.12: install papermill, ipykernel and
+# submitit from there). Without CUDA it runs what it can with tiny shapes on the CPU. A machine with only PyTorch runs
+# the same script: PYTHONPATH=. python bench/gpu_check.py --wheels wheels/py3.12
+GPU_PYTHON = $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	PYTHONPATH=. $(GPU_PYTHON) bench/gpu_check.py $(if $(WHEELS),--wheels $(WHEELS)) $(if $(GPU_OUT),--out $(GPU_OUT))
+
+# Wheels of what gpu-check needs beyond PyTorch's stack (papermill, ipykernel, submitit and their dependencies), for
+# Python $(PY) on Linux x86-64, into wheels/py$(PY): fill it where there is a registry, carry it to the GPU machine.
+PY ?= 3.12
+gpu-wheels:
+	python3 -m pip download --quiet --disable-pip-version-check --dest wheels/py$(PY) --only-binary=:all: --python-version $(PY) \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 \
+	  --platform manylinux1_x86_64 --platform any papermill ipykernel submitit
+	@echo "wheels/py$(PY): $$(ls wheels/py$(PY) | wc -l) wheels; on the GPU machine: PYTHONPATH=. python bench/gpu_check.py --wheels wheels/py$(PY)"
 
 # Developer helpers.
 export: $(STAMP)

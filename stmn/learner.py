@@ -4,12 +4,12 @@
 
 # %% ../nbs/08b_learner.ipynb #f65ac05e
 from __future__ import annotations
-import time
+import signal, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import torch
 from tqdm import tqdm
-from .base import atomic_write
+from .base import atomic_write, log_event
 from .sampling import PKSampler, TrainClips
 from .losses import stmn_loss
 from .ste_nvan import STENVAN, ste_nvan_loss
@@ -18,7 +18,8 @@ from .checkpoints import (CHECKPOINT, checkpoint_state, write_checkpoint, read_c
                               restore_rng)
 
 # %% auto #0
-__all__ = ['MEMORY_PREFIXES', 'param_groups', 'Learner', 'EpochBatches', 'plot_history']
+__all__ = ['MEMORY_PREFIXES', 'STOP_SIGNALS', 'param_groups', 'Learner', 'EpochBatches', 'Interrupted', 'StopSignals',
+           'worker_signals', 'plot_history']
 
 # %% ../nbs/08b_learner.ipynb #bf5f4948
 MEMORY_PREFIXES = ("spatial_memory.", "temporal_memory.")
@@ -73,7 +74,7 @@ def _loader(self) -> torch.utils.data.DataLoader:
         w = self.speed["workers"]
         self._loader = torch.utils.data.DataLoader(self.data, batch_sampler=self.batches, num_workers=w,
                                                    persistent_workers=w > 0, pin_memory=self.device.type == "cuda",
-                                                   prefetch_factor=4 if w else None)
+                                                   prefetch_factor=4 if w else None, worker_init_fn=worker_signals if w else None)
     return self._loader
 
 class EpochBatches:
@@ -148,6 +149,49 @@ def _check_finite(self):
 
 Learner.check_finite = _check_finite
 
+# %% ../nbs/08b_learner.ipynb #b7c0a1e2
+STOP_SIGNALS = ("SIGTERM", "SIGUSR2")   # SLURM: SIGTERM before it kills a job; SIGUSR2 before its time limit (submitit)
+
+class Interrupted(RuntimeError):
+    "Training stopped by a signal after writing a checkpoint that the same command continues from."
+
+class StopSignals:
+    "Within `with`, the `STOP_SIGNALS` are recorded in `.received` (the first one's name) instead of ending the process."
+    def __init__(self): self.received, self._previous = None, {}
+    def _record(self, signum, frame): self.received = self.received or signal.Signals(signum).name
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():       # Python handles signals in the main thread only
+            self._previous = {s: signal.signal(s, self._record) for s in map(signal.Signals.__getitem__, STOP_SIGNALS)}
+        return self
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items(): signal.signal(s, handler)
+
+def worker_signals(*worker_id):
+    "A data-loader worker's start: SIGUSR2 is left to the training process; SIGTERM ends the worker, as `terminate()` expects."
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN); signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+# %% ../nbs/08b_learner.ipynb #b7c0a1e4
+def _stopping(self, stop: StopSignals, boundary: bool) -> bool:
+    "Whether to stop now: at once in one process; under DDP at a checkpoint `boundary`, when any rank got a signal."
+    if self.world == 1: return stop.received is not None
+    if not boundary: return False
+    flag = torch.tensor([stop.received is not None], dtype=torch.int32, device=self.device if self.device.type == "cuda" else "cpu")
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+def _interrupt(self, stop: StopSignals, saved: bool):
+    "Write the checkpoint (unless this step just did), log the interruption and raise `Interrupted`."
+    if not saved: self.save()
+    self.wait_saved()
+    where = f"after epoch {self.epoch}" if self.step == 0 else f"at epoch {self.epoch + 1}, step {self.step}"
+    name = stop.received or "a signal to another rank"
+    if self.rank == 0:
+        log_event(self.out_dir, "interrupted", signal=name, epoch=self.epoch, step=self.step, checkpoint=str(self.checkpoint_path))
+    raise Interrupted(f"{name} {where}: stopped after writing {self.checkpoint_path}; the same command "
+                      f"(resume='auto') continues from it")
+
+Learner.stopping, Learner.interrupt = _stopping, _interrupt
+
 # %% ../nbs/08b_learner.ipynb #6794cdf4
 def _train_step(self, clips: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
     "One step on clips `[B, L, 3, H, W]`: forward and loss at the run's precision, backward, Adam; no host sync."
@@ -161,24 +205,31 @@ def _fit(self, epochs: int, resume: str = "auto", progress: bool = True) -> list
     "Train until `epochs`; `resume`: 'auto' (out_dir's newest readable checkpoint), a path, or '' (fresh). The history."
     self.resume(resume)
     steps, every = len(self.sampler), self.p.get("ckpt_every") or 0
+    if self.rank == 0: log_event(self.out_dir, "train", epoch=self.epoch, step=self.step, resumed=self.epoch + self.step > 0)
     bar = tqdm(total=epochs * steps, initial=self.epoch * steps + self.step, disable=not progress, desc="training",
                mininterval=5)
-    while self.epoch < epochs:
-        self.net.train(); t0 = time.time() - self.seconds
-        self.batches.items = self.sampler.batches(self.epoch)[self.step:]    # a resumed epoch skips steps already taken
-        for clips, labels, _ in self.loader:
-            loss, parts = self.train_step(clips, labels); self.step += 1; bar.update(1)   # no host sync per step
-            for k, v in {**parts, "loss": loss}.items(): self.sums[k] = self.sums.get(k, 0.) + v
-            self.step_losses.append(loss); self.pending.append((self.epoch + 1, self.step, loss, parts))
-            if len(self.pending) >= 50: self.check_finite()
-            if every and self.step % every == 0 and self.step < steps: self.seconds = time.time() - t0; self.save()
-        self.check_finite()
-        self.history.append(dict(epoch=self.epoch + 1, lr=self.opt.param_groups[0]["lr"], seconds=time.time() - t0,
-                                 **{k: float(v) / steps for k, v in self.sums.items()}))
-        bar.set_postfix(loss=f"{self.history[-1]['loss']:.3f}")
-        self.sched.step(); self.epoch += 1; self.step, self.sums, self.seconds = 0, {}, 0.; self.save()
-        if self.world > 1: torch.distributed.barrier()                    # every rank sees the saved checkpoint
+    with StopSignals() as stop:                                          # SIGTERM / SIGUSR2: checkpoint, then stop
+        while self.epoch < epochs:
+            self.net.train(); t0 = time.time() - self.seconds
+            self.batches.items = self.sampler.batches(self.epoch)[self.step:]    # a resumed epoch skips steps already taken
+            for clips, labels, _ in self.loader:
+                loss, parts = self.train_step(clips, labels); self.step += 1; bar.update(1)   # no host sync per step
+                for k, v in {**parts, "loss": loss}.items(): self.sums[k] = self.sums.get(k, 0.) + v
+                self.step_losses.append(loss); self.pending.append((self.epoch + 1, self.step, loss, parts))
+                if len(self.pending) >= 50: self.check_finite()
+                self.seconds = time.time() - t0
+                saved = bool(every) and self.step % every == 0 and self.step < steps
+                if saved: self.save()
+                if self.stopping(stop, saved): bar.close(); self.interrupt(stop, saved)
+            self.check_finite()
+            self.history.append(dict(epoch=self.epoch + 1, lr=self.opt.param_groups[0]["lr"], seconds=time.time() - t0,
+                                     **{k: float(v) / steps for k, v in self.sums.items()}))
+            bar.set_postfix(loss=f"{self.history[-1]['loss']:.3f}")
+            self.sched.step(); self.epoch += 1; self.step, self.sums, self.seconds = 0, {}, 0.; self.save()
+            if self.world > 1: torch.distributed.barrier()                    # every rank sees the saved checkpoint
+            if self.stopping(stop, True): bar.close(); self.interrupt(stop, True)
     bar.close(); self.wait_saved()
+    if self.rank == 0: log_event(self.out_dir, "trained", epoch=self.epoch)
     return self.history
 
 Learner.train_step, Learner.fit = _train_step, _fit

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from .base import save_json
+from .base import read_events
+from .slurm import SIGNAL_S, CheckpointingTask, require_slurm, cluster_states, CLUSTER_STATUS
 
 # %% auto #0
-__all__ = ['PAPER_DEFAULTS', 'GRIDS', 'ABLATION_ROWS', 'SWEPT', 'PRESETS', 'NOT_TRAIN_PARAMS', 'CLUSTER_STATUS', 'SLURM_DEFAULTS',
-           'RUN_COLUMNS', 'PAPER_TABLES_CSV', 'configs', 'run_params', 'run_name', 'plan', 'notebook_parameters',
-           'check_parameters', 'notebook_params', 'status', 'execute_run', 'run_local', 'SlurmRun', 'run_slurm',
-           'job_of', 'cluster_states', 'sweep_status', 'slurm_resources', 'describe_resources', 'collect', 'table',
+__all__ = ['PAPER_DEFAULTS', 'GRIDS', 'ABLATION_ROWS', 'SWEPT', 'PRESETS', 'NOT_TRAIN_PARAMS', 'RUN_COLUMNS', 'PAPER_TABLES_CSV',
+           'configs', 'run_params', 'run_name', 'plan', 'notebook_parameters', 'check_parameters', 'notebook_params',
+           'status', 'execute_run', 'run_local', 'run_slurm', 'job_of', 'sweep_status', 'wait_for', 'collect', 'table',
            'paper_table', 'marks', 'render', 'winner_test', 'heatmap', 'write_tables', 'describe', 'sweep']
 
 # %% ../nbs/09_sweep.ipynb #2548a12e
@@ -104,9 +105,11 @@ def execute_run(run: dict, out_dir, notebook, cwd=".", timeout: float | None = N
         pm.execute_notebook(str(notebook), str(run_dir/"run.ipynb"), parameters=params, cwd=str(cwd), progress_bar=False,
                             execution_timeout=timeout, kernel_name="stmn")
         if not (run_dir/"metrics.json").exists(): raise RuntimeError("the notebook finished without writing metrics.json")
+    except SystemExit: raise                                          # submitit requeues the task: not the run's failure
     except BaseException as e:                                        # exceptions, dead kernels, timeouts: record, go on
-        save_json(dict(error=type(e).__name__, message=str(e)[-4000:], traceback=traceback.format_exc()[-4000:],
-                       seconds=time.time() - t0), run_dir/"error.json")
+        stopped = getattr(e, "ename", "") == "Interrupted"                # the training checkpointed and stopped on a signal
+        save_json(dict(error="Interrupted" if stopped else type(e).__name__, message=(e.evalue if stopped else str(e))[-4000:],
+                       traceback=traceback.format_exc()[-4000:], seconds=time.time() - t0), run_dir/"error.json")
         if isinstance(e, KeyboardInterrupt): raise
     return status(run_dir)
 
@@ -119,84 +122,53 @@ def run_local(runs: list[dict], out_dir, notebook, workers: int = 1, cwd=".", ti
     with ThreadPoolExecutor(max(1, workers)) as ex:
         return list(ex.map(lambda rd: execute_run(rd[0], out_dir, notebook, cwd, timeout, rd[1]), zip(runs, devices)))
 
-class SlurmRun:
-    "A submitit job for one run: executes it, and on preemption or timeout asks to be requeued (the notebook resumes)."
-    def __init__(self, run, out_dir, notebook, cwd, timeout): self.args = (run, str(out_dir), str(notebook), str(cwd), timeout)
-    def __call__(self): return execute_run(*self.args)
-    def checkpoint(self, *args, **kwargs):
-        import submitit
-        return submitit.helpers.DelayedSubmission(self)
-
 def run_slurm(runs: list[dict], out_dir, notebook, cwd=".", timeout=None, cluster: str | None = None,
-              parallelism: int = 16, slurm: dict | None = None, wait: bool = True):
-    "Submit `runs` as a SLURM job array through submitit (`cluster='local'`/`'debug'` for tests); wait for them or not."
-    import shutil, submitit
-    if cluster is None and shutil.which("sbatch") is None:
-        raise RuntimeError("executor='slurm': no SLURM here (sbatch not found on PATH); use executor='local' to run on this machine")
-    ex = submitit.AutoExecutor(folder=str(Path(out_dir)/"submitit"), cluster=cluster)
-    ex.update_parameters(**({"slurm_array_parallelism": parallelism} if ex.cluster == "slurm" else {}), **(slurm or {}))
+              parallelism: int = 16, slurm: dict | None = None, wait: bool = True, poll_s: float = 10):
+    "Submit the runs neither done nor queued as one SLURM job array (submitit; `cluster='local'`/`'debug'` for tests); wait or not."
+    import submitit
+    if cluster is None: require_slurm()
+    params = dict(slurm or {}); requeues = params.pop("slurm_max_num_timeout", None)   # an executor's, not a job's, setting
+    ex = submitit.AutoExecutor(folder=str(Path(out_dir)/"submitit"), cluster=cluster,
+                               **({"slurm_max_num_timeout": requeues} if requeues and cluster is None else {}))
+    ex.update_parameters(**({"slurm_array_parallelism": parallelism} if ex.cluster == "slurm" else {}), **params)
     queued = set(cluster_states()) if ex.cluster == "slurm" else set()
     run_dir = lambda r: Path(out_dir)/"runs"/r["name"]
     todo = [r for r in runs if status(run_dir(r)) != "done" and job_of(run_dir(r)) not in queued]
-    jobs = ex.submit_array([SlurmRun(r, out_dir, notebook, cwd, timeout) for r in todo]) if todo else []
+    signal_s = (slurm or {}).get("slurm_signal_delay_s", SIGNAL_S)
+    jobs = ex.submit_array([CheckpointingTask(execute_run, run_dir(r), r, str(out_dir), str(notebook), str(cwd), timeout,
+                                              signal_s=signal_s) for r in todo]) if todo else []
     for job, r in zip(jobs, todo):                                   # each run folder names its job, for the status table
-        run_dir(r).mkdir(parents=True, exist_ok=True)
         save_json(dict(job_id=str(job.job_id), submitted=time.time()), run_dir(r)/"slurm.json")
-    return [j.result() for j in jobs] if wait else jobs
+    if not wait: return jobs
+    if ex.cluster != "slurm": return [j.result() for j in jobs]
+    return list(wait_for(todo, out_dir, poll_s).status)              # squeue and the folders: no sacct needed
 
 def job_of(run_dir) -> str | None:
     "The SLURM job id a run was last submitted as (`slurm.json` in its folder), if any."
     f = Path(run_dir)/"slurm.json"
     return json.loads(f.read_text())["job_id"] if f.exists() else None
 
-def cluster_states() -> dict:
-    "{job id: state} of every job SLURM still knows, one line per array task ('12_3': 'RUNNING'); {} without SLURM."
-    import shutil, subprocess
-    if shutil.which("squeue") is None: return {}
-    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T"], capture_output=True, text=True).stdout
-    return dict(line.split()[:2] for line in out.splitlines() if len(line.split()) >= 2)
-
-CLUSTER_STATUS = {"PENDING": "pending", "CONFIGURING": "pending", "RUNNING": "running", "COMPLETING": "running",
-                  "SUSPENDED": "running", "REQUEUED": "requeued", "REQUEUE_HOLD": "requeued", "REQUEUE_FED": "requeued"}
-
 def sweep_status(runs: list[dict], out_dir, states: dict | None = None) -> pd.DataFrame:
-    "One row per run: done / failed from its folder, else pending / running / requeued from SLURM, else not submitted / lost."
+    "One row per run: done from its folder; else its job's state while SLURM has it; else failed, not submitted or lost."
     states = cluster_states() if states is None else states
     rows = []
     for r in runs:
         run_dir = Path(out_dir)/"runs"/r["name"]; job = job_of(run_dir); state = states.get(job, "") if job else ""
-        s = status(run_dir)
-        if s == "pending":
-            s = CLUSTER_STATUS.get(state, state.lower()) if state else ("not submitted" if job is None else "lost: not queued, no result")
-        rows.append(dict(name=r["name"], status=s, job=job or "", slurm_state=state))
-    return pd.DataFrame(rows, columns=["name", "status", "job", "slurm_state"])
+        s, note = status(run_dir), ""
+        if s == "failed":
+            err = json.loads((run_dir/"error.json").read_text())
+            note = f"{err.get('error', '?')}: " + (err.get("message", "").strip().splitlines() or [""])[-1][:120]
+        if s != "done" and state:                                    # SLURM still has it: it will run (again)
+            started = any(e.get("job") == job for e in read_events(run_dir, "job_start"))
+            s = "requeued" if state == "PENDING" and started else CLUSTER_STATUS.get(state, state.lower())
+        elif s == "pending": s = "not submitted" if job is None else "lost: not queued, no result"
+        rows.append(dict(name=r["name"], status=s, job=job or "", slurm_state=state, note=note))
+    return pd.DataFrame(rows, columns=["name", "status", "job", "slurm_state", "note"])
 
-# %% ../nbs/09_sweep.ipynb #5e1a0c02
-SLURM_DEFAULTS = {                      # one task = one training run
-    "paper": dict(gpus_per_task=1, cpus_per_task=8, mem_gb=48, time_min=72 * 60),   # ResNet-50, 200 epochs, 7 loaders
-    "smoke": dict(gpus_per_task=0, cpus_per_task=2, mem_gb=4, time_min=60),         # ResNet-10 on the synthetic set, CPU
-}
-
-def slurm_resources(preset: str, gpus_per_task: int = -1, cpus_per_task: int = 0, mem_gb: int = 0, time_min: int = 0,
-                    partition: str = "", account: str = "", qos: str = "", constraint: str = "", options: dict | None = None) -> dict:
-    "submitit's parameters for one task: the preset's `SLURM_DEFAULTS` where unset (−1, 0, ''), sbatch `options` passed through."
-    if preset not in SLURM_DEFAULTS: raise ValueError(f"preset={preset!r}: expected one of {tuple(SLURM_DEFAULTS)}")
-    for name, v, low in (("gpus_per_task", gpus_per_task, -1), ("cpus_per_task", cpus_per_task, 0), ("mem_gb", mem_gb, 0), ("time_min", time_min, 0)):
-        if not isinstance(v, int) or v < low: raise ValueError(f"{name}={v!r}: expected an integer >= {low} ({low}: the preset's)")
-    d = SLURM_DEFAULTS[preset]
-    gpus = d["gpus_per_task"] if gpus_per_task < 0 else gpus_per_task
-    out = dict(timeout_min=time_min or d["time_min"], cpus_per_task=cpus_per_task or d["cpus_per_task"], mem_gb=mem_gb or d["mem_gb"])
-    if gpus: out["gpus_per_node"] = gpus                          # one task per node: its GPUs; none asked for on a CPU partition
-    out.update({f"slurm_{k}": v for k, v in dict(partition=partition, account=account, qos=qos, constraint=constraint).items() if v})
-    if options: out["slurm_additional_parameters"] = dict(options)
-    return out
-
-def describe_resources(params: dict) -> str:
-    "One line: what each task of a sweep asks SLURM for."
-    named = {k[6:]: v for k, v in params.items() if k.startswith("slurm_") and k != "slurm_additional_parameters"}
-    return (f"per task: {params.get('gpus_per_node', 0)} GPU(s), {params['cpus_per_task']} CPU(s), {params['mem_gb']} GB, "
-            f"{params['timeout_min']} min" + "".join(f", {k} {v}" for k, v in named.items())
-            + "".join(f", --{k}={v}" for k, v in params.get("slurm_additional_parameters", {}).items()))
+def wait_for(runs: list[dict], out_dir, poll_s: float = 10) -> pd.DataFrame:
+    "Poll `sweep_status` every `poll_s` seconds until no run is pending, running or requeued; the last table."
+    while (st := sweep_status(runs, out_dir)).status.isin(["pending", "running", "requeued"]).any(): time.sleep(poll_s)
+    return st
 
 # %% ../nbs/09_sweep.ipynb #1dcaf485
 RUN_COLUMNS = ("name", "status", "model", "M", "N", "alpha", "L", "spatial_memory", "temporal_memory", "spread_loss", "preset", "trial",

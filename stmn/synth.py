@@ -211,8 +211,11 @@ def make_synthetic_mars(root, cfg: SynthConfig = SynthConfig()) -> Path:
     try:
         _generate(tmp, cfg)
         (tmp/"synth_config.json").write_text(json.dumps(want, indent=1))
-        if root.exists(): root.rmdir()
-        os.replace(tmp, root)
+        try:
+            if root.exists() and not any(root.iterdir()): root.rmdir()
+            os.replace(tmp, root)
+        except OSError:                                   # another process made it meanwhile: the same images (one seed)
+            if not ((root/"synth_masks.npz").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want): raise
     finally:
         if tmp.exists(): shutil.rmtree(tmp)
     return root

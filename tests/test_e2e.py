@@ -37,18 +37,15 @@ def run_train(root, out_dir, **params):
     return json.loads((out_dir/"metrics.json").read_text())
 
 
-def test_train_notebook_runs_and_resumes(root, tmp_path, data_home):
+def test_train_notebook_runs_and_evaluates(root, tmp_path, data_home):
     straight = run_train(root, tmp_path/"straight", epochs=2)
     for key in ("rank1", "rank5", "rank10", "rank20", "mAP", "params", "seed", "environment", "wall_seconds", "protocol", "sampling"):
         assert key in straight, key
     assert straight["params"]["M"] == 3 and straight["environment"]["torch"] == torch.__version__
     assert straight["protocol"] == "paper" and straight["sampling"] == "rrs" and straight["n_query"] > 0
     assert (tmp_path/"straight/checkpoint.pt").is_file() and (tmp_path/"straight/training_curve.png").stat().st_size > 1000
-    first = run_train(root, tmp_path/"resumed", epochs=1)
-    assert first["epochs_trained"] == 1
-    resumed = run_train(root, tmp_path/"resumed", epochs=2)            # resume="auto" continues the checkpoint
-    assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in straight["history"]], rel=1e-5)
-    assert resumed["mAP"] == pytest.approx(straight["mAP"], abs=1e-4)
+    # resume="auto" continuing a run stopped by a signal, bit for bit, is tests/test_slurm.py's (the notebook, through
+    # SLURM) and tests/test_faults.py's (the learner, killed at several points)
     # the evaluate notebook on that checkpoint reproduces the training run's number and scores every variant
     pm.execute_notebook(str(root/"nbs/evaluate.ipynb"), str(tmp_path/"ev.ipynb"), cwd=str(root), progress_bar=False,
                         parameters=dict(checkpoint=str(tmp_path/"straight/checkpoint.pt"), sampling="rrs", out_dir=str(tmp_path/"ev"), k_ranklist=5))

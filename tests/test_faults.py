@@ -202,3 +202,13 @@ def test_no_network_at_run_time(data, tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
     from stmn.encoder import load_backbone
     with pytest.raises(RuntimeError, match=r"Put https://.*resnet50.* at .*checkpoints"): load_backbone("resnet50", True)
+
+
+def test_concurrent_generation_of_one_synthetic_dataset(tmp_path):
+    "Runs started together (a sweep's first runs) each generate the missing dataset; one wins, the others keep it."
+    code = (f"from stmn.synth import make_synthetic_mars, SynthConfig; make_synthetic_mars({str(tmp_path / 's')!r}, "
+            "SynthConfig(n_train_ids=4, n_test_ids=2, n_distractor_tracklets=1, n_junk_tracklets=1, max_frames=10))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    errors = [p.communicate()[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    assert (tmp_path / "s/synth_masks.npz").is_file() and not [f for f in tmp_path.iterdir() if f.name.startswith(".s-")]
