@@ -123,7 +123,7 @@ def campaign(slurm, tmp_path_factory):
     two sleepers of which `cancelled` is `scancel`led while running. Returns when nothing is queued any more."""
     from stmn.base import read_events
     from stmn.slurm import slurm_resources
-    from stmn.sweep import run_slurm, wait_for
+    from stmn.sweep import run_slurm, sweep_status
     out, nb = tmp_path_factory.mktemp("campaign"), ROOT / "nbs/train.ipynb"
     cpu1 = dict(cpus_per_task=1, mem_gb=2)
     timed = [train_run("timed")]
@@ -145,9 +145,14 @@ def campaign(slurm, tmp_path_factory):
     subprocess.run(["scontrol", "requeue", job(runs / "requeued")], check=True)
     wait_until(lambda: read_events(out / "sweep/runs/cancelled", "job_start"), 120, "`cancelled` to start")
     subprocess.run(["scancel", job(out / "sweep/runs/cancelled")], check=True)
-    status = wait_for(timed + pair + ddp, out, poll_s=2)
-    sweep_status = wait_for(sleepers, out / "sweep", poll_s=2)
-    return dict(out=out, status=status, sweep_status=sweep_status, sleepers=sleepers, sweep_args=sweep_args, requeue_at=requeue_at)
+    active = ("pending", "running", "requeued")
+    settled = lambda runs, folder: not sweep_status(runs, folder).status.isin(active).any()
+    try:                                                    # what `wait_for` does, with a deadline: a stuck job fails the test
+        wait_until(lambda: settled(timed + pair + ddp, out) and settled(sleepers, out / "sweep"), 900, "every run to end")
+    except TimeoutError:
+        subprocess.run(["scancel", "--name", "submitit"]); raise
+    return dict(out=out, status=sweep_status(timed + pair + ddp, out), sweep_status=sweep_status(sleepers, out / "sweep"),
+                sleepers=sleepers, sweep_args=sweep_args, requeue_at=requeue_at)
 
 
 def final_state(run_dir):
