@@ -48,7 +48,8 @@ class Check:
             sec.update(status="skipped", reason=f"out of time: {TOTAL_S} s for the whole command were spent"); return self.write()
         t = time.time(); old = signal.signal(signal.SIGALRM, _alarm); signal.setitimer(signal.ITIMER_REAL, budget)
         try:
-            fn(self, sec); sec["status"] = "failed" if any(not c["ok"] for c in sec["checks"]) else "passed"
+            fn(self, sec); sec["status"] = "failed" if any(not c["ok"] for c in sec["checks"]) else "passed" if sec["checks"] else "skipped"
+            if sec["status"] == "skipped": sec["reason"] = "; ".join(sec["skipped"])
         except SectionTimeout: sec.update(status="timed out", reason=f"stopped after its budget of {budget:.0f} s")
         except Exception as e: sec.update(status="error", reason=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-3000:])
         finally: signal.setitimer(signal.ITIMER_REAL, 0); signal.signal(signal.SIGALRM, old)
@@ -123,7 +124,7 @@ def bf16_against_fp32(c: Check, sec):
     differs by a fraction of a percent, and over 50 Adam steps the two trajectories separate as any two numerically
     different runs do: the check is on the curve's level (mean |Δ| / loss ≤ 5 %, first step ≤ 2 %) and that both fall."""
     shape = PAPER if not c.tiny else dict(backbone="resnet10", height=32, width=16, P=2, K=2, L=3)
-    steps = 50 if not c.tiny else 2
+    steps = 50 if not c.tiny else 1
     data = synthetic(c, shape["height"], shape["width"], ids=16 if not c.tiny else 4)
     n = len({t.pid for t in data})
     fp32 = losses(c, params(c, **shape, amp="fp32", channels_last=False), data, n, steps, "fp32")
@@ -162,7 +163,8 @@ def resume(c: Check, sec):
     caught = warnings.catch_warnings(record=True); seen = caught.__enter__(); warnings.simplefilter("always")
     try:
         p = params(c, backbone="resnet18" if not c.tiny else "resnet10", height=64 if not c.tiny else 32, width=32 if not c.tiny else 16,
-                   P=4, K=2, L=4 if not c.tiny else 2, ckpt_every=2, epochs=2, lr_step=100)
+                   P=4, K=2, L=4 if not c.tiny else 2, ckpt_every=2, epochs=2, lr_step=100,
+                   **({"model": "baseline"} if c.tiny else {}))                # on the CPU: the same loop, smaller checkpoints
         data = synthetic(c, p["height"], p["width"], ids=16 if not c.tiny else 8)
         n = len({t.pid for t in data})
         run = lambda d, **kw: Learner(build_model(p | kw, n), data, p | kw, c.work/d, c.device)
@@ -217,6 +219,9 @@ def ddp(c: Check, sec):
     "torchrun with NCCL trains an epoch with SyncBatchNorm, `nproc 1` (and 2 where two GPUs exist), on the default synthetic set; gloo on the CPU."
     import torch
     from stmn.ddp import launch
+    if c.tiny:                                                        # one torchrun less: the notebook's run is the check
+        sec["skipped"].append("on the CPU, torchrun (gloo, 2 processes) runs inside the notebooks section: train.ipynb with nproc 2")
+        return
     gpus = torch.cuda.device_count()
     for nproc in ([1, 2] if gpus >= 2 else [1]):
         p = params(c, backbone="resnet10", height=32, width=16, P=8, K=2, L=3, epochs=1, lr_step=100, test_sampling="rrs",
@@ -315,7 +320,7 @@ def memory_question(c: Check, sec):
         make_synthetic_mars(c.work/"mq", SynthConfig(n_train_ids=4, n_test_ids=2, n_distractor_tracklets=1, n_junk_tracklets=1, max_frames=10))
         ds = read_mars(c.work/"mq")
     n = len({t.pid for t in ds.train})
-    each = max(5., (c.left() - 30) / 2.4) if not c.tiny else 5.
+    each = max(5., (c.left() - 30) / 2.4) if not c.tiny else 2.
     out, steps_stmn = {}, None
     for model in ("stmn", "baseline"):
         p = params(c, model=model, **(dict(backbone="resnet10", height=32, width=16, P=2, K=2, L=3) if c.tiny else {}))
@@ -347,7 +352,8 @@ def notebooks(c: Check, sec):
     import papermill as pm
     ensure_kernel(c)
     out = c.work/"nb-train"
-    tiny = dict(backbone="resnet10", height=32, width=16, P=8, K=2, L=3, epochs=1, test_sampling="rrs") if c.tiny else {}   # the synthetic recipe as it is, with the GPU defaults
+    tiny = dict(backbone="resnet10", height=32, width=16, P=8, K=2, L=3, epochs=1, test_sampling="rrs", nproc=2) if c.tiny else {}
+    # on CUDA the synthetic recipe as it is, with the GPU defaults; on the CPU tiny shapes, through torchrun (gloo)
     t = time.perf_counter()
     pm.execute_notebook(str(ROOT/"nbs/train.ipynb"), str(c.work/"train.ipynb"), parameters=dict(out_dir=str(out), **tiny),
                         cwd=str(ROOT), kernel_name="stmn", progress_bar=False)
@@ -355,6 +361,7 @@ def notebooks(c: Check, sec):
     sec["numbers"]["train"] = dict(seconds=time.perf_counter() - t, rank1=m["rank1"], mAP=m["mAP"], speed=m.get("speed"), epochs=m["epochs_trained"])
     check(sec, "train.ipynb", (out/"checkpoint.pt").exists(), f"{m['epochs_trained']} epochs in {time.perf_counter() - t:.0f} s, "
           f"rank-1 {100 * m['rank1']:.1f} %, mAP {100 * m['mAP']:.1f} %, resolved speed settings {m.get('speed')}")
+    if c.tiny: check(sec, "torchrun with 2 processes (gloo), launched by the notebook", m.get("world_size") == 2, f"world size {m.get('world_size')}")
     if c.tiny: sec["skipped"].append("figures.ipynb: trains three more models, CUDA only"); return
     t = time.perf_counter()
     pm.execute_notebook(str(ROOT/"nbs/figures.ipynb"), str(c.work/"figures.ipynb"), cwd=str(ROOT), kernel_name="stmn", progress_bar=False,
