@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stmn-installed
 OUT    ?= runs/train
 
-.PHONY: setup kernel browser slurm train test outputs docs compare evaluate figures bench gpu-check gpu-wheels export clean-nbs readme
+.PHONY: setup kernel browser slurm train test test-fast outputs docs compare evaluate figures bench bench-record gpu-check gpu-record gpu-wheels export clean-nbs readme
 
 setup: $(STAMP) kernel
 
@@ -41,10 +41,21 @@ slurm:
 	@bash tests/cluster/start_slurm.sh
 
 # Every test: each notebook executed once in a fresh kernel as nbdev_test runs it (slow cells skipped), the component
-# notebooks' stored outputs compared with what they print now; then the suite, the site and JupyterLab in Chromium.
+# notebooks' stored outputs compared with what they print now (no stored output may name the machine), the numeric
+# ones again under a second CPU instruction set; then the suite, the site and JupyterLab in Chromium, the SLURM cluster.
+# pytest runs on two workers (one thread each, a module to a worker): a module that waits on the cluster or the browser
+# leaves the other core to the rest.
+PYTEST = $(BIN)/python -m pytest tests -q -rs --durations=12 -n 2 --dist loadfile
 test: setup browser slurm
 	$(BIN)/python tests/notebooks.py check --workers 2
-	$(BIN)/python -m pytest tests -q -rs --durations=12
+	$(BIN)/python tests/notebooks.py check --workers 2 --dispatch second
+	$(PYTEST)
+
+# The edit loop (about 3 minutes): the component notebooks checked, and the suite without its slow tests (browser,
+# cluster, sweeps, trained notebooks: `-m slow`).
+test-fast: setup
+	$(BIN)/python tests/notebooks.py check --workers 2 --components
+	$(PYTEST) -m "not slow"
 
 # Execute the component notebooks (00_*-10_*, index) in fresh kernels and store their outputs; commit them after.
 outputs: setup
@@ -55,12 +66,17 @@ docs: setup
 	$(BIN)/python nbs/_site/build.py
 
 # The GPU path in one command: every CUDA branch checked and measured in under 8 minutes on one H100-class GPU, results
-# written section by section to bench/gpu.md and bench/gpu.json (WHEELS=wheels/py3.12: install papermill, ipykernel and
+# written section by section to runs/gpu-check/gpu.md and gpu.json (WHEELS=wheels/py3.12: install papermill, ipykernel and
 # submitit from there). Without CUDA it runs what it can with tiny shapes on the CPU. A machine with only PyTorch runs
 # the same script: PYTHONPATH=. python bench/gpu_check.py --wheels wheels/py3.12
 GPU_PYTHON = $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_OUT ?= runs/gpu-check
 gpu-check:
-	PYTHONPATH=. $(GPU_PYTHON) bench/gpu_check.py $(if $(WHEELS),--wheels $(WHEELS)) $(if $(GPU_OUT),--out $(GPU_OUT))
+	PYTHONPATH=. $(GPU_PYTHON) bench/gpu_check.py $(if $(WHEELS),--wheels $(WHEELS)) --out $(GPU_OUT)
+
+# The same, written to bench/gpu.md and bench/gpu.json: the committed record of a GPU run.
+gpu-record:
+	$(MAKE) gpu-check GPU_OUT=bench
 
 # Wheels of what gpu-check needs beyond PyTorch's stack (papermill, ipykernel, submitit and their dependencies), for
 # Python $(PY) on Linux x86-64, into wheels/py$(PY): fill it where there is a registry, carry it to the GPU machine.
@@ -95,7 +111,12 @@ figures: setup
 	mkdir -p runs
 	$(BIN)/papermill nbs/figures.ipynb runs/figures.ipynb --log-output --no-progress-bar
 
-# Speed and memory: training step vs plain ResNet-50, data pipeline, extraction, evaluation, checkpoints -> bench/results.md, runs/benchmark.json (AUTHORS_REPO=path adds the authors' step).
+# Speed and memory: training step vs plain ResNet-50, data pipeline, extraction, evaluation, checkpoints -> runs/benchmark.md, runs/benchmark.json (AUTHORS_REPO=path adds the authors' step).
+BENCH_TABLE ?= runs/benchmark.md
 bench: setup
 	mkdir -p runs
-	$(BIN)/papermill nbs/benchmark.ipynb runs/benchmark.ipynb -p authors_repo "$(AUTHORS_REPO)" --log-output --no-progress-bar
+	$(BIN)/papermill nbs/benchmark.ipynb runs/benchmark.ipynb -p authors_repo "$(AUTHORS_REPO)" -p table $(BENCH_TABLE) --log-output --no-progress-bar
+
+# The same, written to bench/results.md: the committed record.
+bench-record:
+	$(MAKE) bench BENCH_TABLE=bench/results.md

@@ -1,6 +1,7 @@
 """`make gpu-check`: every CUDA branch of the project exercised and measured in one command that fits in 8 minutes on one
-H100-class GPU, writing `bench/gpu.md` and `bench/gpu.json` after each section, so that whatever finished is on disk
-even if the machine is taken back. Without CUDA the same command runs what it can on the CPU with tiny shapes (about
+H100-class GPU, writing `gpu.md` and `gpu.json` after each section, so that whatever finished is on disk even if
+the machine is taken back: into `runs/gpu-check/` by default, into `bench/` (the committed record) with `--out bench`
+(`make gpu-record`). Without CUDA the same command runs what it can on the CPU with tiny shapes (about
 a minute, inside `make test`) and lists the CUDA-only checks as skipped.
 
 It needs only a Python with torch, torchvision, numpy, scipy, pandas, matplotlib, seaborn, h5py, Pillow and tqdm:
@@ -215,6 +216,12 @@ def evaluation(c: Check, sec):
     check(sec, f"torch on {c.device} = numpy", same, f"{nq}×{ng}: mAP {ref['mAP']:.6f} / {got['mAP']:.6f}; numpy {t_np:.2f} s, torch {t_torch:.3f} s")
 
 
+def speed_summary(speed: dict) -> str:
+    "The learner's resolved speed settings in one line: 'amp bf16, channels-last, …'."
+    flags = [name.replace("_", "-") for name in ("channels_last", "compile", "async_save") if speed.get(name)]
+    return ", ".join([f"amp {speed['amp']}", *flags, f"{speed['workers']} loader workers"])
+
+
 def ddp(c: Check, sec):
     "torchrun with NCCL trains an epoch with SyncBatchNorm, `nproc 1` (and 2 where two GPUs exist), on the default synthetic set; gloo on the CPU."
     import torch
@@ -360,7 +367,7 @@ def notebooks(c: Check, sec):
     m = json.loads((out/"metrics.json").read_text())
     sec["numbers"]["train"] = dict(seconds=time.perf_counter() - t, rank1=m["rank1"], mAP=m["mAP"], speed=m.get("speed"), epochs=m["epochs_trained"])
     check(sec, "train.ipynb", (out/"checkpoint.pt").exists(), f"{m['epochs_trained']} epochs in {time.perf_counter() - t:.0f} s, "
-          f"rank-1 {100 * m['rank1']:.1f} %, mAP {100 * m['mAP']:.1f} %, resolved speed settings {m.get('speed')}")
+          f"rank-1 {100 * m['rank1']:.1f} %, mAP {100 * m['mAP']:.1f} %, resolved speed settings {speed_summary(m['speed'])}")
     if c.tiny: check(sec, "torchrun with 2 processes (gloo), launched by the notebook", m.get("world_size") == 2, f"world size {m.get('world_size')}")
     if c.tiny: sec["skipped"].append("figures.ipynb: trains three more models, CUDA only"); return
     t = time.perf_counter()
@@ -395,6 +402,11 @@ SECTIONS = [  # name, title, budget on CUDA (s), function, CUDA only — in orde
 ]
 
 
+def table_cell(text: str) -> str:
+    "`text` inside a Markdown table cell: its pipes escaped (|Δ| stays |Δ|), its line breaks as spaces."
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def markdown(R: dict) -> str:
     "The results as `bench/gpu.md`."
     env = R["environment"]
@@ -403,9 +415,10 @@ def markdown(R: dict) -> str:
            f"(budget {TOTAL_S} s). Each section's numbers are in `gpu.json`.", "",
            "| section | status | seconds | checks |", "|---|---|---|---|"]
     for name, s in R["sections"].items():
-        checks = "; ".join(f"{'✓' if c['ok'] else '✗'} {c['name']}: {c['detail']}" for c in s["checks"]) or s.get("reason", "")
-        skipped = ("; skipped: " + "; ".join(s["skipped"])) if s.get("skipped") else ""
-        out.append(f"| {s['title']} | {s['status']} | {s.get('seconds', '–')} | {checks.replace('|', '/')}{skipped} |")
+        checks = "; ".join(f"{'✓' if c['ok'] else '✗'} {c['name']}: {c['detail']}" for c in s["checks"])
+        if not checks: text = f"skipped: {s.get('reason', '')}"       # the reason already lists what was skipped
+        else: text = checks + (("; skipped: " + "; ".join(s["skipped"])) if s.get("skipped") else "")
+        out.append(f"| {s['title']} | {s['status']} | {s.get('seconds', '–')} | {table_cell(text)} |")
     sp = R["sections"].get("speed", {}).get("numbers", {})
     if sp.get("train_step"):
         out += ["", "## Training step", "", f"{sp['gflop_per_trained_frame']:.1f} GFLOP per trained frame (forward and backward, counted).", "",
@@ -430,7 +443,8 @@ def ensure_packages(wheels: str | None) -> list[str]:
 def main(argv=None):
     import argparse
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(ROOT/"bench"), help="folder for gpu.md and gpu.json (default: bench/)")
+    ap.add_argument("--out", default=str(ROOT/"runs/gpu-check"), help="folder for gpu.md and gpu.json (default: runs/gpu-check/; "
+                                                                  "`make gpu-record` writes bench/, the committed record)")
     ap.add_argument("--wheels", default="", help="local wheel folder for papermill, ipykernel, submitit (make gpu-wheels)")
     ap.add_argument("--only", default="", help="comma-separated section names (default: all, in order)")
     ap.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cuda', 'cpu' (tiny shapes)")

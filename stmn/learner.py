@@ -144,8 +144,10 @@ def _check_finite(self):
     if not ok.all():
         epoch, step, _, parts = pending[int((~ok).nonzero()[0, 0])]
         terms = ", ".join(f"{k} {float(v):.4g}" for k, v in parts.items())
+        hint = ("; this run uses bf16 autocast, whose CPU kernels fail at small frame sizes on some CPUs: "
+                "rerun with amp='fp32'") if self.speed["amp"] == "bf16" else ""
         raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {step}: {terms}; "
-                                 f"stopped, {self.checkpoint_path} keeps the last good state")
+                                 f"stopped, {self.checkpoint_path} keeps the last good state{hint}")
 
 Learner.check_finite = _check_finite
 
@@ -201,6 +203,9 @@ def _train_step(self, clips: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     self.opt.zero_grad(set_to_none=True); loss.backward(); self.opt.step()
     return loss.detach(), parts
 
+Learner.train_step = _train_step
+
+# %% ../nbs/08b_learner.ipynb #07f371f5
 def _fit(self, epochs: int, resume: str = "auto", progress: bool = True) -> list:
     "Train until `epochs`; `resume`: 'auto' (out_dir's newest readable checkpoint), a path, or '' (fresh). The history."
     self.resume(resume)
@@ -232,7 +237,7 @@ def _fit(self, epochs: int, resume: str = "auto", progress: bool = True) -> list
     if self.rank == 0: log_event(self.out_dir, "trained", epoch=self.epoch)
     return self.history
 
-Learner.train_step, Learner.fit = _train_step, _fit
+Learner.fit = _fit
 
 # %% ../nbs/08b_learner.ipynb #4e6411ef
 def plot_history(history: list, path=None):

@@ -15,7 +15,8 @@ from .sampling import PKSampler, TrainClips
 
 # %% auto #0
 __all__ = ['DATASHEET_TFLOPS', 'peak_tflops', 'train_flops', 'FrameClassifier', 'frame_classifier_loss', 'sync',
-           'time_train_step', 'loader_rate', 'largest_batch', 'cpu_name', 'cpu_vector_isa', 'environment_info']
+           'time_train_step', 'loader_rate', 'largest_batch', 'cpu_name', 'cpu_vector_isa', 'cpu_dispatch',
+           'environment_info']
 
 # %% ../nbs/08d_speed.ipynb #a8f93412
 DATASHEET_TFLOPS = [  # (substring of torch.cuda.get_device_name(), dense bf16 tensor TFLOP/s, fp32 TFLOP/s); None: no bf16 units
@@ -115,6 +116,10 @@ def cpu_vector_isa() -> str:
     if "avx512f" in flags: return "avx512" + ("+bf16" if "avx512_bf16" in flags else "")
     return next((isa for isa in ("avx2", "avx", "sse4_2") if isa in flags), "")
 
+def cpu_dispatch() -> str:
+    "The instruction set PyTorch's CPU kernels run with ('avx512', 'avx2', 'default'): the CPU's, or less under `ATEN_CPU_CAPABILITY`."
+    return torch.backends.cpu.get_cpu_capability().lower()
+
 def environment_info(device) -> dict:
     "Versions and device, for every results file."
     import torchvision, scipy, stmn
@@ -122,4 +127,4 @@ def environment_info(device) -> dict:
     return dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__, numpy=np.__version__,
                 scipy=scipy.__version__, stmn=stmn.__version__, platform=platform.platform(),
                 device=torch.cuda.get_device_name(d) if d.type == "cuda" else cpu_name(), cpu_isa=cpu_vector_isa(),
-                threads=torch.get_num_threads())
+                cpu_dispatch=cpu_dispatch(), threads=torch.get_num_threads())

@@ -20,3 +20,19 @@ def data_home(tmp_path_factory):
     yield d
     if old is None: os.environ.pop("STMN_DATA", None)
     else: os.environ["STMN_DATA"] = old
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: browser, cluster, sweep and trained-notebook tests (`make test-fast` leaves them out)")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:     # pytest -n: the cores shared out, for the worker and what it starts
+        from stmn.recipes import allocated_cpus
+        os.environ["OMP_NUM_THREADS"] = str(max(1, allocated_cpus() // workers))
+
+
+STARTED_FIRST = ("test_slurm.py", "test_browser.py")   # they wait on the cluster and the browser: the other worker computes meanwhile
+
+
+def pytest_collection_modifyitems(items):
+    "Modules that mostly wait go first, so that under `pytest -n 2` their waits overlap the rest (a stable sort)."
+    items.sort(key=lambda item: item.path.name not in STARTED_FIRST)

@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs"
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
 
+pytestmark = pytest.mark.slow                     # `make test-fast` leaves this module out
+
 
 def chromium_path() -> str | None:
     "Debian's Chromium, if installed (CHROMIUM=path overrides)."

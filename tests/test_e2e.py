@@ -37,6 +37,7 @@ def run_train(root, out_dir, **params):
     return json.loads((out_dir/"metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_train_notebook_runs_and_evaluates(root, tmp_path, data_home):
     straight = run_train(root, tmp_path/"straight", epochs=2)
     for key in ("rank1", "rank5", "rank10", "rank20", "mAP", "params", "seed", "environment", "wall_seconds", "protocol", "sampling"):
@@ -55,6 +56,7 @@ def test_train_notebook_runs_and_evaluates(root, tmp_path, data_home):
     assert (tmp_path/"ev/ranklist.png").stat().st_size > 5000 and (tmp_path/"ev/table.csv").read_text().count("\n") == 25
 
 
+@pytest.mark.slow
 def test_train_notebook_on_a_supplement_validation_half(root, tmp_path, data_home):
     m = run_train(root, tmp_path/"val", epochs=1, split=1, trial=2)
     ds = load_dataset("synth", split=1, trial=2)

@@ -74,6 +74,7 @@ def reference(data, tmp_path_factory):
 
 KILLED = dict(P, model="baseline", epochs=2)     # the kill runs: small checkpoints (STMN's own state resumes the same way: 08b_learner)
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_run(data, reference, tmp_path):
     """SIGKILL four times in one run folder — after a step before any checkpoint, inside an epoch-end save, after a
     step mid-epoch, inside the last save — each time starting the same command again: the run that ends is the run

@@ -1,9 +1,12 @@
 """The figures notebook end to end on tiny checkpoints: every figure, caption and measured number is written."""
+import pytest
 import json
 import papermill as pm
 from stmn.data import load_dataset
 from stmn.learner import Learner
 from stmn.recipes import build_model, resolve_params
+
+pytestmark = pytest.mark.slow                     # `make test-fast` leaves this module out
 
 TINY = dict(dataset="synth", backbone="resnet10", epochs=1, P=4, K=2, M=10, N=5, alpha=.3, height=32, width=16, seed=0, workers=0)
 

@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: run `make gpu-check` itself (8 minutes)")
+@pytest.mark.slow
 def test_gpu_check_runs_on_the_cpu_and_names_what_it_skipped(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, str(ROOT / "bench/gpu_check.py"), "--out", str(tmp_path)], capture_output=True, text=True,

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import nbformat
 
-from notebooks import (NBS, ROOT, comparable, numbers_close, sanitise, stale_cells, stores_outputs, texts_match)
+from notebooks import (NBS, ROOT, comparable, machine_dependent, machine_identity, numbers_close, sanitise, second_dispatch,
+                       stale_cells, stores_outputs, texts_match, is_progress_bar)
 
 
 def test_sanitise_times_paths_addresses():
@@ -76,3 +77,58 @@ def test_stale_cells_names_the_cell():
     assert stale_cells(nb, fresh, "x.ipynb") == ["x.ipynb, cell 0 ('print(1.5)'): stdout differs, line 1: stored '1.5', now '2.5'"]
     fresh.cells[0].metadata["tags"] = ["outputs-vary"]
     assert stale_cells(nb, fresh, "x.ipynb") == []
+
+
+def stored_notebook(path, text):
+    "A one-cell component notebook at `path` whose stored output is `text`."
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(f"print({text!r})")])
+    nb.metadata["kernelspec"] = {"name": "stmn", "display_name": "Python (stmn)", "language": "python"}
+    nb.cells[0].outputs = [nbformat.v4.new_output("stream", name="stdout", text=text + "\n")]
+    nbformat.write(nb, str(path))
+    return path
+
+
+def test_a_stored_output_that_names_the_cpu_fails_the_check(tmp_path):
+    "A stored output printing this machine's CPU model: `check` fails before executing anything, naming the cell and why."
+    cpu = next(k for k, what in machine_identity().items() if what == "the CPU model")
+    path = stored_notebook(tmp_path / "99_machine.ipynb", f"measured on {cpu} (CPU)")
+    run = subprocess.run([sys.executable, str(ROOT / "tests/notebooks.py"), "check", str(path), "--workers", "1"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "99_machine.ipynb, cell 0 (" in run.stderr and f"the CPU model {cpu!r}" in run.stderr
+    assert "notebooks in" not in run.stdout                          # refused before any kernel started
+
+
+def test_machine_identity_paths_dates_and_words():
+    identity = {"Example CPU 9000": "the CPU model", "avx512": "the CPU's instruction set", "/tmp": "the temporary folder",
+                "/home/alice": "the home folder"}
+    def named(text):
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x")])
+        nb.cells[0].outputs = [nbformat.v4.new_output("stream", name="stderr", text=text)]
+        return machine_dependent(nb, "n.ipynb", identity)
+    assert named("cannot read /tmp/tmpab12/c.pt") and named("on EXAMPLE cpu 9000") and named("isa avx512+bf16")
+    assert named("written 2026-12-03") and named("/home/alice/.cache")
+    assert not named("data_root and tmp/c.pt, 12 ms, avx2, /home/bob") and not named("")
+    assert named("cannot read /tmp/x")[0].startswith("n.ipynb, cell 0 ('x'): the stored output names this machine: the temporary folder")
+
+
+def test_no_committed_notebook_names_a_machine():
+    "The static scan over every stored output, with this machine's identity (the test command runs it on every machine)."
+    problems = [m for p in sorted(NBS.glob("*.ipynb")) if stores_outputs(p)
+                for m in machine_dependent(nbformat.read(p, as_version=4), p.name)]
+    assert problems == []
+
+
+def test_progress_bars_are_not_stored():
+    assert is_progress_bar({"output_type": "stream", "name": "stderr", "text": "\rtraining:  50%| 6/12 [00:05<00:05,  1.10it/s]"})
+    assert not is_progress_bar({"output_type": "stream", "name": "stderr", "text": "UserWarning: x\n"})
+    assert not is_progress_bar({"output_type": "stream", "name": "stdout", "text": "\r"})
+
+
+def test_the_second_dispatch_is_another_instruction_set():
+    "Under `second_dispatch()` PyTorch reports a lower CPU capability than in this process (AVX2 under AVX-512, else none)."
+    import os, torch
+    code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, **second_dispatch()}).stdout.strip()
+    assert second != torch.backends.cpu.get_cpu_capability() and second in ("AVX2", "DEFAULT"), second

@@ -10,6 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ALLOCATED = "from stmn.recipes import allocated_cpus, auto_workers; print(allocated_cpus(), auto_workers('cuda', gpus=1))"
 
+pytestmark = pytest.mark.slow                     # `make test-fast` leaves this module out
+
 
 @pytest.fixture(scope="module")
 def slurm():

@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 from stmn.sweep import collect, configs, plan, run_local, run_params, status, sweep, table, write_tables
 
+pytestmark = pytest.mark.slow                     # `make test-fast` leaves this module out
+
 PARAMS = ["model", "M", "N", "alpha", "L", "spatial_memory", "temporal_memory", "spread_loss", "dataset", "split", "trial",
           "backbone", "pretrained", "height", "width", "epochs", "P", "K", "lr_step", "test_sampling", "workers", "out_dir", "device"]
 
