@@ -51,10 +51,10 @@ test: setup browser slurm
 	$(BIN)/python tests/notebooks.py check --workers 2 --dispatch second
 	$(PYTEST)
 
-# The edit loop (about 3 minutes): the component notebooks checked, and the suite without its slow tests (browser,
-# cluster, sweeps, trained notebooks: `-m slow`).
+# The edit loop (under 3 minutes): the component notebooks checked (less the two-process torchrun one), and the suite
+# without its slow tests (browser, cluster, sweeps, trained notebooks: `-m slow`).
 test-fast: setup
-	$(BIN)/python tests/notebooks.py check --workers 2 --components
+	$(BIN)/python tests/notebooks.py check --workers 2 --fast
 	$(PYTEST) -m "not slow"
 
 # Execute the component notebooks (00_*-10_*, index) in fresh kernels and store their outputs; commit them after.

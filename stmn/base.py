@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_base.ipynb #b386e8a6
 from __future__ import annotations
-import json, os
+import json, os, platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -14,7 +14,7 @@ import scipy.io
 # %% auto #0
 __all__ = ['RUN_LOG', 'VERIFY_MODES', 'DATASET_REGISTRY', 'Tracklet', 'VideoDataset', 'DatasetLayoutError', 'BadImageError',
            'layout_error', 'load_mat', 'previous_path', 'atomic_write', 'save_json', 'log_event', 'read_events',
-           'DatasetEntry', 'register_dataset', 'dataset_entry', 'resolve_protocol']
+           'cpu_name', 'cpu_vector_isa', 'DatasetEntry', 'register_dataset', 'dataset_entry', 'resolve_protocol']
 
 # %% ../nbs/00_base.ipynb #88666ed5
 @dataclass(frozen=True)
@@ -129,6 +129,19 @@ def read_events(out_dir, event: str | None = None) -> list[dict]:
     if not f.exists(): return []
     lines = f.read_text().split("\n")[:-1]                     # whole lines only: each ends with its newline
     return [e for e in map(json.loads, lines) if event is None or e["event"] == event]
+
+# %% ../nbs/00_base.ipynb #01690b2a
+def cpu_name() -> str:
+    "The CPU's model name (from /proc/cpuinfo on Linux), else what `platform` knows, else 'cpu'; with ' (CPU)' after it."
+    try: return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")) + " (CPU)"
+    except (OSError, StopIteration): return (platform.processor() or "cpu") + " (CPU)"
+
+def cpu_vector_isa() -> str:
+    "The widest x86 vector extensions this CPU reports ('avx512' with bf16 if present, 'avx2', …), or '' where unknown."
+    try: flags = set(next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration): return ""
+    if "avx512f" in flags: return "avx512" + ("+bf16" if "avx512_bf16" in flags else "")
+    return next((isa for isa in ("avx2", "avx", "sse4_2") if isa in flags), "")
 
 # %% ../nbs/00_base.ipynb #70bca1ae
 VERIFY_MODES = ("none", "exists", "decode")   # metadata only / first and last frame exist / decode every frame

@@ -10,13 +10,13 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
+from .base import cpu_name, cpu_vector_isa
 from .encoder import load_backbone, BACKBONES
 from .sampling import PKSampler, TrainClips
 
 # %% auto #0
 __all__ = ['DATASHEET_TFLOPS', 'peak_tflops', 'train_flops', 'FrameClassifier', 'frame_classifier_loss', 'sync',
-           'time_train_step', 'loader_rate', 'largest_batch', 'cpu_name', 'cpu_vector_isa', 'cpu_dispatch',
-           'environment_info']
+           'time_train_step', 'loader_rate', 'largest_batch', 'cpu_dispatch', 'environment_info']
 
 # %% ../nbs/08d_speed.ipynb #a8f93412
 DATASHEET_TFLOPS = [  # (substring of torch.cuda.get_device_name(), dense bf16 tensor TFLOP/s, fp32 TFLOP/s); None: no bf16 units
@@ -104,18 +104,6 @@ def largest_batch(learner, L: int, height: int, width: int, K: int = 4, Ps=(8, 1
     return best
 
 # %% ../nbs/08d_speed.ipynb #849330eb
-def cpu_name() -> str:
-    "The CPU's model name (from /proc/cpuinfo on Linux), else what `platform` knows, else 'cpu'."
-    try: return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")) + " (CPU)"
-    except (OSError, StopIteration): return (platform.processor() or "cpu") + " (CPU)"
-
-def cpu_vector_isa() -> str:
-    "The widest x86 vector extensions this CPU reports ('avx512' with bf16 if present, 'avx2', …), or '' where unknown."
-    try: flags = set(next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration): return ""
-    if "avx512f" in flags: return "avx512" + ("+bf16" if "avx512_bf16" in flags else "")
-    return next((isa for isa in ("avx2", "avx", "sse4_2") if isa in flags), "")
-
 def cpu_dispatch() -> str:
     "The instruction set PyTorch's CPU kernels run with ('avx512', 'avx2', 'default'): the CPU's, or less under `ATEN_CPU_CAPABILITY`."
     return torch.backends.cpu.get_cpu_capability().lower()

@@ -148,6 +148,7 @@ def job_of(run_dir) -> str | None:
     f = Path(run_dir)/"slurm.json"
     return json.loads(f.read_text())["job_id"] if f.exists() else None
 
+# %% ../nbs/09_sweep.ipynb #7b29d7d0
 def sweep_status(runs: list[dict], out_dir, states: dict | None = None) -> pd.DataFrame:
     "One row per run: done from its folder; else its job's state while SLURM has it; else failed, not submitted or lost."
     states = cluster_states() if states is None else states
@@ -328,6 +329,7 @@ def describe(tabs: dict) -> str:
             out.append(line)
     return "\n".join(out)
 
+# %% ../nbs/09_sweep.ipynb #3b097dff
 def sweep(grid: str = "all", preset: str = "smoke", trials: int = 2, out_dir="runs/sweep", executor: str = "local", workers: int = 1,
           notebook="nbs/train.ipynb", cwd=".", extra: dict | None = None, timeout=None, figure=None, slurm: dict | None = None,
           wait: bool = True) -> dict:

@@ -3,7 +3,7 @@
     python tests/notebooks.py store [NB ...]   # execute the component notebooks, write their outputs into them, nbdev_clean
     python tests/notebooks.py check [NB ...]   # execute every notebook; a component notebook's outputs must match what it stores
     python tests/notebooks.py check --dispatch second [NB ...]   # the same under another CPU instruction set (see below)
-    python tests/notebooks.py check --components   # only the component notebooks (`make test-fast`)
+    python tests/notebooks.py check --fast     # the component notebooks less the two-process one (`make test-fast`)
     python tests/notebooks.py machine [NB ...] # only the static check: no stored output may name this machine
 
 Execution is Jupyter's own (nbclient, the kernel named in the notebook: what JupyterLab and papermill run); which cells
@@ -33,6 +33,7 @@ STORED = re.compile(r"^(\d\d[a-z]?_.*|index)\.ipynb$")     # component notebooks
 VARY_TAG = "outputs-vary"
 SLOWEST_FIRST = ("08b_learner", "07_evaluation", "08c_distributed", "01_synth")   # started first: the run ends sooner
 IMAGE_MIMES = ("image/png", "image/jpeg", "image/svg+xml")
+FAST_LEAVES_OUT = ("08c_distributed",)                    # torchrun with two processes: `make test` runs it, `make test-fast` not
 
 # ---- tolerances: one per kind of output, each with its reason ----------------------------------------------------
 FLOAT32_UNIT_ROUNDOFF = 2.0 ** -24           # u: a float32 operation's largest relative rounding error
@@ -61,9 +62,9 @@ DATE = re.compile(r"\b(19|20)\d\d-[01]\d-[0-3]\d\b")
 
 def machine_identity() -> dict[str, str]:
     "Strings that name this machine or this checkout: {string: what it is}. None of them may appear in a stored output."
-    from stmn.speed import cpu_name, cpu_vector_isa, cpu_dispatch
+    from stmn.base import cpu_name, cpu_vector_isa                      # not stmn.speed: no torch import for a text scan
     found = {cpu_name().removesuffix(" (CPU)"): "the CPU model", cpu_vector_isa(): "the CPU's instruction set",
-             cpu_vector_isa().partition("+")[0]: "the CPU's instruction set", cpu_dispatch(): "PyTorch's CPU dispatch",
+             cpu_vector_isa().partition("+")[0]: "the CPU's instruction set",
              socket.gethostname(): "the host name", str(Path.home()): "the home folder", str(ROOT): "the checkout's path",
              os.path.realpath(tempfile.gettempdir()): "the temporary folder", tempfile.gettempdir(): "the temporary folder"}
     user = getpass.getuser()
@@ -274,14 +275,16 @@ def main(argv=None) -> int:
     parser.add_argument("notebooks", nargs="*", help="notebooks (default: every notebook in nbs/; store: the component ones; "
                                                      "--dispatch second: the numeric ones)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--components", action="store_true", help="only the notebooks that store outputs (00_*-10_*, index)")
+    parser.add_argument("--fast", action="store_true", help="only the notebooks that store outputs (00_*-10_*, index), "
+                                                            f"less {', '.join(FAST_LEAVES_OUT)} (`make test-fast`)")
     parser.add_argument("--dispatch", choices=("native", "second"), default="native",
                         help="second: PyTorch's and oneDNN's CPU kernels held to another instruction set (see second_dispatch)")
     args = parser.parse_args(argv)
     default = sorted(NBS.glob("*.ipynb"))
     if args.dispatch == "second": default = [p for p in default if p.stem in DISPATCH_SENSITIVE]
     paths = [Path(p).resolve() for p in args.notebooks] or default
-    if args.mode == "store" or args.components: paths = [p for p in paths if stores_outputs(p)]
+    if args.mode == "store" or args.fast: paths = [p for p in paths if stores_outputs(p)]
+    if args.fast: paths = [p for p in paths if p.stem not in FAST_LEAVES_OUT]
     for p in paths:
         if not p.exists(): parser.error(f"no notebook {p}")
     env = second_dispatch() if args.dispatch == "second" else {}
@@ -296,7 +299,7 @@ def main(argv=None) -> int:
     from stmn.recipes import allocated_cpus                             # the affinity mask, capped by SLURM_CPUS_PER_TASK
     threads = max(1, allocated_cpus() // args.workers) if args.workers > 1 else 0
     problems, stale, start = [], False, time.time()
-    with concurrent.futures.ProcessPoolExecutor(args.workers, max_tasks_per_child=1) as pool:
+    with concurrent.futures.ProcessPoolExecutor(args.workers) as pool:  # a worker runs notebook after notebook: imports once
         jobs = [pool.submit(run_one, str(p), args.mode, threads, env) for p in paths]
         for job in concurrent.futures.as_completed(jobs):
             name, found, seconds, crashed = job.result()

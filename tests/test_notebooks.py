@@ -4,6 +4,7 @@ import json, shutil, subprocess, sys
 from pathlib import Path
 
 import nbformat
+import pytest
 
 from notebooks import (NBS, ROOT, comparable, machine_dependent, machine_identity, numbers_close, sanitise, second_dispatch,
                        stale_cells, stores_outputs, texts_match, is_progress_bar)
@@ -53,6 +54,7 @@ def test_every_component_notebook_is_stored_with_outputs():
             assert not any(c.get("outputs") for c in json.loads(path.read_text())["cells"]), f"{path.name}: job notebooks stay clean"
 
 
+@pytest.mark.slow
 def test_an_edited_notebook_fails_the_staleness_check(tmp_path):
     "Change a printed value in 04_memory without re-executing it: `check` fails and names the cell."
     copy = tmp_path / "04_memory.ipynb"
@@ -132,3 +134,13 @@ def test_the_second_dispatch_is_another_instruction_set():
     second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**os.environ, **second_dispatch()}).stdout.strip()
     assert second != torch.backends.cpu.get_cpu_capability() and second in ("AVX2", "DEFAULT"), second
+
+
+def test_an_edited_cell_fails_the_check(tmp_path):
+    "The fast version of the test above, on a one-cell notebook: code edited, output not re-stored, the check names the cell."
+    path = stored_notebook(tmp_path / "98_edit.ipynb", "4.5")
+    nb = nbformat.read(path, as_version=4); nb.cells[0].source = "print(1.5 * 4)"; nbformat.write(nb, str(path))
+    run = subprocess.run([sys.executable, str(ROOT / "tests/notebooks.py"), "check", str(path), "--workers", "1"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "98_edit.ipynb, cell 0 ('print(1.5 * 4)'): stdout differs, line 1: stored '4.5', now '6.0'" in run.stderr

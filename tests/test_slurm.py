@@ -142,6 +142,13 @@ def campaign(slurm, tmp_path_factory):
 
     runs = out / "runs"
     job = lambda run_dir: json.loads((run_dir / "slurm.json").read_text())["job_id"]
+    # SLURM may send the time-limit signal up to a minute early (its event resolution), so with a 1-minute limit it can
+    # land before training starts or after it ends. While `timed` trains, the test sends the same SIGUSR2 itself: the
+    # signal -> checkpoint -> requeue path is taken every time, whatever SLURM's timing.
+    training = lambda: [e["event"] for e in read_events(runs / "timed")][-1:] == ["train"]
+    wait_until(lambda: training() or read_events(runs / "timed", "interrupted"), 240, "`timed` to train")
+    if not read_events(runs / "timed", "interrupted"):
+        subprocess.run(["scancel", "--signal=USR2", job(runs / "timed")], check=True)
     wait_until(lambda: (runs / "requeued/checkpoint.pt").exists(), 240, "the first checkpoint of `requeued`")
     requeue_at = time.time()
     subprocess.run(["scontrol", "requeue", job(runs / "requeued")], check=True)
@@ -189,7 +196,8 @@ def finished_run_events(campaign, name):
 
 
 def test_a_task_past_its_time_limit_checkpoints_is_requeued_and_resumes(campaign):
-    "SIGUSR2 before the limit → the step finishes, checkpoint → `scontrol requeue` → the task starts again and resumes."
+    """SIGUSR2 before the limit (SLURM's, or the same signal sent by the campaign while the run trains) → the step
+    finishes, checkpoint → `scontrol requeue` → the task starts again and resumes."""
     events, names = finished_run_events(campaign, "timed")
     i = names.index("interrupted")                                     # a signal before training began has nothing to save
     assert names[i - 1:i + 2] == ["signal", "interrupted", "requeue"] and events[i + 1][2]["checkpointed"]
