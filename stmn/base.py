@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_base.ipynb #b386e8a6
 from __future__ import annotations
-import json, os, platform
+import json, os, platform, shutil, tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -12,9 +12,10 @@ import numpy as np
 import scipy.io
 
 # %% auto #0
-__all__ = ['RUN_LOG', 'VERIFY_MODES', 'DATASET_REGISTRY', 'Tracklet', 'VideoDataset', 'DatasetLayoutError', 'BadImageError',
-           'layout_error', 'load_mat', 'previous_path', 'atomic_write', 'save_json', 'log_event', 'read_events',
-           'cpu_name', 'cpu_vector_isa', 'DatasetEntry', 'register_dataset', 'dataset_entry', 'resolve_protocol']
+__all__ = ['MADE_BY', 'RUN_LOG', 'VERIFY_MODES', 'DATASET_REGISTRY', 'Tracklet', 'VideoDataset', 'DatasetLayoutError',
+           'BadImageError', 'layout_error', 'load_mat', 'json_parameter', 'previous_path', 'atomic_write', 'save_json',
+           'replace_folder', 'log_event', 'read_events', 'check_matrix', 'cpu_name', 'cpu_vector_isa', 'DatasetEntry',
+           'register_dataset', 'dataset_entry', 'resolve_protocol']
 
 # %% ../nbs/00_base.ipynb #88666ed5
 @dataclass(frozen=True)
@@ -80,7 +81,26 @@ def load_mat(path, var: str, layout: str, root) -> np.ndarray:
     if var not in mat:
         found = sorted(k for k in mat if not k.startswith('__'))
         raise layout_error(f"{path} has no variable {var!r} (found {found})", layout, root)
-    return np.asarray(mat[var]).astype(np.int64)
+    values = np.asarray(mat[var])
+    if not np.issubdtype(values.dtype, np.number):
+        raise layout_error(f"{path}: variable {var!r} holds {values.dtype} values, not numbers", layout, root)
+    finite = np.isfinite(values)
+    whole = np.where(finite, values, 0).astype(np.int64)
+    bad = np.argwhere(~finite | (whole != values))                    # fractions, NaN, inf: never truncated silently
+    if len(bad):
+        where = f"row {bad[0][0] + 1}" if values.ndim == 2 else f"entry {bad[0][0] + 1}"
+        raise layout_error(f"{path}: variable {var!r} {where} holds {values[tuple(bad[0])]}, expected whole numbers "
+                           f"(frame indices, identities, cameras); {len(bad)} such value(s)", layout, root)
+    return whole
+
+# %% ../nbs/00_base.ipynb #921a105c
+def json_parameter(name: str, text: str, example: str = '{"epochs": 100}') -> dict:
+    "The JSON object in parameter `name`, or a ValueError naming the parameter, what is wrong and an example."
+    try: value = json.loads(text or "{}")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name}={text!r}: not JSON ({e.msg} at character {e.pos}); expected an object such as {example}") from None
+    if not isinstance(value, dict): raise ValueError(f"{name}={text!r}: expected a JSON object such as {example}")
+    return value
 
 # %% ../nbs/00_base.ipynb #a33c19ea
 def previous_path(path) -> Path:
@@ -110,6 +130,31 @@ def save_json(obj, path) -> Path:
     "Write `obj` as indented JSON to `path`, atomically."
     return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=str).encode()))
 
+# %% ../nbs/00_base.ipynb #2f677af3
+MADE_BY = ".made-by-stmn"                # the marker in every folder `replace_folder` made: only those it may replace
+
+def replace_folder(out, fill: Callable[[Path], None], what: str) -> Path:
+    "Fill a temporary sibling of `out` with `fill(folder)` and swap it in; an existing `out` only if this project made it."
+    out = Path(out).resolve()
+    if out.exists():
+        why = ("is a file" if not out.is_dir() else "holds .git" if (out/".git").exists()
+               else "holds the folder this command runs in" if Path.cwd().resolve().is_relative_to(out)
+               else f"was not made by this project (no {MADE_BY} in it)" if any(out.iterdir()) and not (out/MADE_BY).is_file()
+               else "")
+        if why: raise FileExistsError(f"{what}: {out} {why}; refusing to replace it (nothing was deleted): choose another folder, or empty this one yourself")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        (tmp/MADE_BY).write_text(f"{what}: made by stmn; the next build replaces this whole folder\n")
+        fill(tmp)
+        if out.exists():                                     # swap: the old folder leaves only once the new one is whole
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+            os.replace(out, old/out.name); os.replace(tmp, out); shutil.rmtree(old)
+        else: os.replace(tmp, out)
+    finally:
+        if tmp.exists(): shutil.rmtree(tmp)
+    return out
+
 # %% ../nbs/00_base.ipynb #e7a1c0d2
 RUN_LOG = "events.jsonl"              # in the run's out_dir: one JSON object per line, appended
 
@@ -129,6 +174,19 @@ def read_events(out_dir, event: str | None = None) -> list[dict]:
     if not f.exists(): return []
     lines = f.read_text().split("\n")[:-1]                     # whole lines only: each ends with its newline
     return [e for e in map(json.loads, lines) if event is None or e["event"] == event]
+
+# %% ../nbs/00_base.ipynb #1e918734
+def check_matrix(x, name: str, rows: int | None = None, cols: int | None = None):
+    "Raise ValueError naming `name` unless `x` (numpy array or torch tensor) is 2-D, non-empty, finite, `rows` × `cols`."
+    shape = tuple(getattr(x, "shape", ()))
+    if len(shape) != 2: raise ValueError(f"{name}: expected a 2-D matrix, got shape {shape}")
+    if 0 in shape: raise ValueError(f"{name} {shape} is empty: nothing to rank (an empty query set or gallery?)")
+    want = (rows if rows is not None else shape[0], cols if cols is not None else shape[1])
+    if shape != want: raise ValueError(f"{name}: expected shape {want}, got {shape}")
+    finite = x.isfinite() if hasattr(x, "isfinite") else np.isfinite(np.asarray(x, dtype=float))   # torch: on its device
+    bad = int((~finite).sum())
+    if bad: raise ValueError(f"{name} {shape} holds {bad} NaN or infinite value(s): a ranking of them is undefined")
+    return x
 
 # %% ../nbs/00_base.ipynb #01690b2a
 def cpu_name() -> str:

@@ -36,9 +36,10 @@ def check_cache_path(root) -> Path:
     return Path(os.environ.get("STMN_DATA") or Path.home()/".cache"/"stmn")/"checks"/f"{Path(root).name}-{key}.json"
 
 def _stamp(paths) -> str:
+    "A digest of the frames' size, modification and change times and inode: a write (even with its time stamp set back, which sets the change time) or a replacement changes it."
     h = hashlib.md5()
     for p in paths:
-        try: st = os.stat(p); h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        try: st = os.stat(p); h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}\n".encode())
         except OSError: h.update(f"{p}:missing\n".encode())
     return h.hexdigest()
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08a_checkpoints.ipynb #979c261e
 from __future__ import annotations
-import random
+import hashlib, os, random
 from pathlib import Path
 import numpy as np
 import torch
@@ -12,14 +12,16 @@ from .base import atomic_write, previous_path
 from .recipes import build_model
 
 # %% auto #0
-__all__ = ['CHECKPOINT', 'ARCH_KEYS', 'CheckpointError', 'rng_state', 'restore_rng', 'host_copy', 'checkpoint_state',
-           'write_checkpoint', 'read_checkpoint', 'find_resume', 'check_params', 'load_model']
+__all__ = ['CHECKPOINT', 'RUN_KEYS', 'CheckpointError', 'rng_state', 'restore_rng', 'host_copy', 'checkpoint_state',
+           'write_checkpoint', 'read_checkpoint', 'file_sha256', 'dataset_fingerprint', 'run_identity', 'find_resume',
+           'check_params', 'load_model']
 
 # %% ../nbs/08a_checkpoints.ipynb #73f13f1b
 CHECKPOINT = "checkpoint.pt"          # in the run's out_dir; the one before it is checkpoint.prev.pt
-ARCH_KEYS = ("dataset", "model", "backbone", "M", "N", "L", "alpha", "P", "K", "lr", "weight_decay", "lr_step", "seed",
-             "height", "width", "spatial_memory", "temporal_memory", "spread_loss", "memory_lr_mult", "split", "trial",
-             "nl_scope", "erasing")
+RUN_KEYS = ("dataset", "model", "backbone", "M", "N", "L", "alpha", "P", "K", "lr", "weight_decay", "lr_step", "seed",
+            "height", "width", "spatial_memory", "temporal_memory", "spread_loss", "memory_lr_mult", "split", "trial",
+            "nl_scope", "erasing", "recipe", "pretrained", "data_root", "synth_seed",
+            "data_fingerprint", "pretrained_sha256")           # the last two from `run_identity`: what the data and weights are
 
 class CheckpointError(RuntimeError):
     "A checkpoint file cannot be read (truncated, not a checkpoint); the message names it."
@@ -47,12 +49,12 @@ def host_copy(x, copy: bool):
     return x
 
 def checkpoint_state(model, opt, sched, progress: dict, params: dict, copy: bool = False) -> dict:
-    "All a resume needs, on the host: weights, optimizer, scheduler, `progress`, `ARCH_KEYS` of `params`, RNG states."
+    "All a resume needs, on the host: weights, optimizer, scheduler, `progress`, `RUN_KEYS` of `params`, RNG states."
     weights = host_copy(model.state_dict(), copy)
     bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad: raise FloatingPointError(f"non-finite weights ({', '.join(bad[:3])})")
     return dict(model=weights, opt=host_copy(opt.state_dict(), copy), sched=sched.state_dict(), **progress,
-                params={k: params.get(k) for k in ARCH_KEYS}, rng=rng_state())
+                params={k: params.get(k) for k in RUN_KEYS}, rng=rng_state())
 
 # %% ../nbs/08a_checkpoints.ipynb #ece1a5ac
 def write_checkpoint(state: dict, path, keep_previous: bool = True) -> Path:
@@ -64,6 +66,28 @@ def read_checkpoint(path, device="cpu") -> dict:
     path = Path(path)
     try: return torch.load(path, map_location=device, weights_only=True)
     except Exception as e: raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {e})") from None
+
+# %% ../nbs/08a_checkpoints.ipynb #7cd1fd3d
+def file_sha256(path, block: int = 1 << 20) -> str:
+    "The SHA-256 of the file at `path`, read in blocks."
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block): digest.update(chunk)
+    return digest.hexdigest()
+
+def dataset_fingerprint(ds) -> str:
+    "A digest of `ds`'s training set: each tracklet's frame names (relative to the root), identity, camera, and first/last frame bytes."
+    digest = hashlib.sha256()
+    for t in ds.train:
+        digest.update(repr((tuple(os.path.relpath(f, ds.root) for f in t.frames), t.pid, t.camid)).encode())
+        for f in (t.frames[0], t.frames[-1]): digest.update(Path(f).read_bytes())
+    return digest.hexdigest()[:16]
+
+def run_identity(p: dict, ds) -> dict:
+    "What a run trains on, to store beside its parameters: the training set's fingerprint, the pretrained file's SHA-256."
+    weights = p.get("pretrained")
+    path = Path(weights) if isinstance(weights, (str, os.PathLike)) and weights not in ("", "True", "False") else None
+    return dict(data_fingerprint=dataset_fingerprint(ds), pretrained_sha256=file_sha256(path)[:16] if path and path.is_file() else None)
 
 # %% ../nbs/08a_checkpoints.ipynb #3c90e937
 def find_resume(out_dir, resume: str = "auto", device="cpu") -> tuple[dict, Path] | None:
@@ -83,7 +107,9 @@ def check_params(state: dict, p: dict, path):
     "Raise ValueError naming every run-defining parameter whose value in checkpoint `state` differs from `p`."
     diff = {k: (v, p.get(k)) for k, v in state["params"].items() if v != p.get(k)}
     if diff:
-        raise ValueError(f"checkpoint {path} was made with other parameters {diff} (checkpoint, now); use another out_dir or resume=''")
+        lines = "".join(f"\n  {k}: {v!r} in the checkpoint, {w!r} now" for k, (v, w) in diff.items())
+        raise ValueError(f"checkpoint {path} was made with other parameters {diff} (checkpoint, now):{lines}\n"
+                         f"it belongs to another run: use another out_dir, or resume='' to train afresh here")
 
 # %% ../nbs/08a_checkpoints.ipynb #a554d751
 def load_model(path, device="cpu"):
@@ -92,8 +118,18 @@ def load_model(path, device="cpu"):
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; train one first (make train, or papermill nbs/train.ipynb)")
     state = read_checkpoint(path)
+    missing = [k for k in ("model", "params", "epoch") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no {', '.join(missing)}): a bare state dict? "
+                              f"build the model with stmn.recipes.build_model and call load_state_dict on it")
+    bad = [k for k, v in state["model"].items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad: raise CheckpointError(f"checkpoint {path} holds non-finite weights in {', '.join(bad[:5])}: not a model to evaluate")
     p = dict(state["params"], pretrained=False, epochs_trained=state["epoch"])
     fc = state["model"].get("fc_t.weight", state["model"].get("fc.weight"))      # STMN: fc_t; STE-NVAN: fc
     model = build_model(p, fc.shape[0])
-    model.load_state_dict(state["model"])
+    try: model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path}: its weights do not fit the model its parameters describe "
+                              f"({', '.join(f'{k}={p.get(k)!r}' for k in ('model', 'backbone', 'M', 'N', 'L'))}): "
+                              f"{str(e).splitlines()[0]}") from None
     return model.to(device).eval(), p

@@ -43,7 +43,11 @@ def load_backbone(name: str, pretrained: bool | str = False) -> torchvision.mode
     else:
         path = Path(pretrained)
         if not path.is_file(): raise FileNotFoundError(f"pretrained={str(pretrained)!r}: no such weights file for {name}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try: state = torch.load(path, map_location="cpu", weights_only=True)        # plain tensors only: no code runs
+        except Exception as e:
+            raise ValueError(f"pretrained={str(pretrained)!r}: cannot read it as a weights file ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}); expected a state dict saved with torch.save") from None
+        if not isinstance(state, dict): raise ValueError(f"pretrained={str(pretrained)!r}: holds a {type(state).__name__}, not a state dict")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing: raise ValueError(f"pretrained={pretrained!r}: not {name} weights; missing {missing[:3]}…")
     return model

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.nn.functional as F
+from .base import check_matrix
 from .sampling import TestClips, SAMPLING_MODES
 from .recipes import resolve_amp
 
@@ -20,6 +21,7 @@ __all__ = ['AP_DEFINITIONS', 'BAND_FREE', 'cosine_distance', 'match_and_junk', '
 # %% ../nbs/07_evaluation.ipynb #68c5cb07
 def cosine_distance(q: torch.Tensor, g: torch.Tensor) -> np.ndarray:
     "1 − cos between query `[Q, D]` and gallery `[G, D]` descriptors, as a `[Q, G]` float32 array."
+    check_matrix(q, "query descriptors"); check_matrix(g, "gallery descriptors", cols=q.shape[1])
     return (1 - F.normalize(q.float(), dim=1) @ F.normalize(g.float(), dim=1).t()).cpu().numpy()
 
 # %% ../nbs/07_evaluation.ipynb #8d786f45
@@ -28,6 +30,7 @@ AP_DEFINITIONS = ("plain", "interpolated")
 def _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids, ap):
     if ap not in AP_DEFINITIONS: raise ValueError(f"ap={ap!r}: expected one of {AP_DEFINITIONS}")
     qp, gp, qc, gc = (np.asarray(a).ravel() for a in (q_pids, g_pids, q_camids, g_camids))
+    check_matrix(distmat, "distmat")                                        # 2-D, non-empty, finite: before any dispatch
     Q, G = distmat.shape
     if (len(qp), len(qc), len(gp), len(gc)) != (Q, Q, G, G):
         raise ValueError(f"distmat {tuple(distmat.shape)} does not match {len(qp)} query and {len(gp)} gallery ids/cameras")
@@ -98,10 +101,10 @@ def _good_ranks(D, qp, gp, qc, gc, chunk, threads=2):
 # %% ../nbs/07_evaluation.ipynb #1fb78a43
 def evaluate(distmat, q_pids, g_pids, q_camids, g_camids, ap: str = "plain", max_rank: int = 50, chunk: int = 128) -> dict:
     "CMC (`cmc[k-1]` = rank-k), mAP, mINP, per-query `ap` (NaN if skipped), `n_valid`, `n_skipped` of a `[Q, G]` distance matrix."
+    _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids, ap)         # on every path, the GPU's included
     if isinstance(distmat, torch.Tensor) and distmat.is_cuda: return evaluate_torch(distmat, q_pids, g_pids, q_camids, g_camids, ap, max_rank, chunk)
     distmat = distmat.cpu().numpy() if isinstance(distmat, torch.Tensor) else np.asarray(distmat)
     qp, gp, qc, gc = _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids, ap)
-    if np.isnan(distmat).any(): raise ValueError("distmat contains NaN: the ranking is undefined")
     return _summarise(_good_ranks(distmat, qp, gp, qc, gc, chunk), ap, max_rank)
 
 # %% ../nbs/07_evaluation.ipynb #5afee217

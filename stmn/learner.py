@@ -56,6 +56,7 @@ class Learner:
                                     weight_decay=p["weight_decay"], fused=True if cuda else None)   # one fused kernel
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=p["lr_step"], gamma=.1)
         self.epoch, self.step, self.sums, self.step_losses, self.seconds, self.history = 0, 0, {}, [], 0., []
+        self.resumed = None                                         # {checkpoint, epoch, step} once `resume` continued a run
         if self.rank == 0:                                          # an unwritable out_dir fails now, not after an epoch
             try: atomic_write(self.out_dir/".write-test", lambda f: f.write(b"ok")).unlink()
             except OSError as e:
@@ -99,7 +100,7 @@ def _save(self, path=None) -> Path:
     try: state = checkpoint_state(self.model, self.opt, self.sched, progress, self.p, copy=snap)
     except FloatingPointError as e:
         where = f"at epoch {self.epoch + 1}, step {self.step}"
-        raise FloatingPointError(f"{e} {where}: not saved; {self.checkpoint_path} keeps the last good state") from None
+        raise FloatingPointError(f"{e} {where}: not saved; {self.last_good()}") from None
     write = lambda: write_checkpoint(state, path or self.checkpoint_path, keep_previous=path is None)
     if not snap: return write()
     self._writing = self._saver.submit(write)
@@ -115,7 +116,11 @@ def _wait_saved(self):
 def _restore(self, state: dict, path):
     "Continue from checkpoint `state` (read from `path`): weights, optimizer, schedule, progress and RNG states."
     check_params(state, self.p, path)
-    self.model.load_state_dict(state["model"]); self.opt.load_state_dict(state["opt"])
+    try: self.model.load_state_dict(state["model"])
+    except RuntimeError as e:                                             # e.g. another identity count: another classifier
+        raise ValueError(f"checkpoint {path}: its weights do not fit this run's model ({str(e).splitlines()[1].strip()}); "
+                         f"it belongs to another run: use another out_dir, or resume='' to train afresh here") from None
+    self.opt.load_state_dict(state["opt"])
     self.sched.load_state_dict(state["sched"])
     self.epoch, self.history, self.step = state["epoch"], state["history"], state.get("step", 0)
     self.sums, self.step_losses = state.get("sums", {}), state.get("step_losses", [])
@@ -130,7 +135,10 @@ def _load(self, path):
 def _resume(self, resume: str = "auto"):
     "Load what `resume` names: '' nothing, a path (must be readable), 'auto' out_dir's newest readable checkpoint."
     found = find_resume(self.out_dir, resume, self.device)
-    return self if found is None else self.restore(*found)
+    if found is None: return self
+    self.restore(*found)
+    self.resumed = dict(checkpoint=str(found[1]), epoch=self.epoch, step=self.step)
+    return self
 
 Learner.save, Learner.wait_saved = _save, _wait_saved
 Learner.restore, Learner.load, Learner.resume = _restore, _load, _resume
@@ -147,9 +155,13 @@ def _check_finite(self):
         hint = ("; this run uses bf16 autocast, whose CPU kernels fail at small frame sizes on some CPUs: "
                 "rerun with amp='fp32'") if self.speed["amp"] == "bf16" else ""
         raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {step}: {terms}; "
-                                 f"stopped, {self.checkpoint_path} keeps the last good state{hint}")
+                                 f"stopped, {self.last_good()}{hint}")
 
-Learner.check_finite = _check_finite
+def _last_good(self) -> str:
+    "Where the last good state is, for an error message: the checkpoint, or that none was written yet."
+    return f"{self.checkpoint_path} keeps the last good state" if self.checkpoint_path.exists() else "no checkpoint was written yet"
+
+Learner.check_finite, Learner.last_good = _check_finite, _last_good
 
 # %% ../nbs/08b_learner.ipynb #b7c0a1e2
 STOP_SIGNALS = ("SIGTERM", "SIGUSR2")   # SLURM: SIGTERM before it kills a job; SIGUSR2 before its time limit (submitit)

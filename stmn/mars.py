@@ -44,6 +44,13 @@ def read_mars_split(root, names: list[str], info: np.ndarray, folder: str, info_
     if info.ndim != 2 or info.shape[1] < 4:
         raise layout_error(f"info/{info_file}: expected T×4 rows, got shape {info.shape}", MARS_LAYOUT, root)
     out, problems = [], []
+    seen = {}
+    for line, n in enumerate(names, 1):                         # one name, one frame: a repeated name is a damaged list
+        if n in seen: problems.append(f"{folder.removeprefix('bbox_')}_name.txt: {n} on lines {seen[n]} and {line}")
+        else: seen[n] = line
+    spans = sorted((int(a), int(b), row + 1) for row, (a, b) in enumerate(info[:, :2].tolist()))
+    for (a, b, r), (c, d, s) in zip(spans, spans[1:]):          # rows name consecutive, disjoint runs of the list
+        if c <= b: problems.append(f"info/{info_file} rows {r} and {s} share frames {c}..{min(b, d)}")
     for row, (first, last, pid, cam) in enumerate(info[:, :4].tolist()):
         if not 1 <= first <= last <= len(names):
             problems.append(f"info/{info_file} row {row+1}: frames {first}..{last} outside the {len(names)} names"); continue

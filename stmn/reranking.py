@@ -8,6 +8,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
+from .base import check_matrix
 
 # %% auto #0
 __all__ = ['nearest_neighbours', 'reciprocal', 'expanded_sets', 'encode', 'jaccard_distance', 'k_reciprocal_distance']
@@ -71,6 +72,7 @@ def jaccard_distance(V: sp.csr_matrix, query_rows: np.ndarray, gallery_rows: np.
 def k_reciprocal_distance(q: torch.Tensor, g: torch.Tensor, k1: int = 20, k2: int = 6, lam: float = 0.3, chunk: int = 2048) -> np.ndarray:
     "Re-ranked distance d* `[Q, G]` (Eq. 12) between query `[Q, D]` and gallery `[G, D]` descriptors."
     if not (k1 >= 1 and k2 >= 1 and 0 <= lam <= 1): raise ValueError(f"k1={k1}, k2={k2}, lam={lam}: expected k1, k2 >= 1 and 0 <= lam <= 1")
+    check_matrix(q, "query descriptors"); check_matrix(g, "gallery descriptors", cols=q.shape[1])
     x = F.normalize(torch.cat([q, g]).float().cpu(), dim=1)
     knn, _ = nearest_neighbours(x, min(max(k1 + 1, k2), len(x)), chunk)
     jac = jaccard_distance(encode(x, knn, k1, k2), np.arange(len(q)), np.arange(len(q), len(x)))

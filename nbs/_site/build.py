@@ -116,43 +116,50 @@ def local_links(page: Path, text: str):
 
 
 def build(out: Path = ROOT / "_docs") -> list[Path]:
-    "Build the site into `out` (replaced); returns the pages written. Raises on a relative link that resolves nowhere."
-    start = time.time()
-    tmp = out.with_name(out.name + ".tmp"); shutil.rmtree(tmp, ignore_errors=True); (tmp / "nbs").mkdir(parents=True)
-    proc = processed_notebooks()
-    stems = sorted(proc)
-    side = sections(stems)
-    order = ["index"] + [p["stem"] for s in side for p in s["pages"]]
-    notebooks, titles = {}, {}
-    for stem in order:
-        nb = proc[stem]
-        meta = front_matter(nb); prepare(nb)
-        notebooks[stem], titles[stem] = (nb, meta), meta["title"] or stem
-    for s in side:
-        for p in s["pages"]: p["title"] = titles[p["stem"]]
-    pages = {}                                                            # {page path: its HTML}, written once
-    for i, stem in enumerate(order):
-        nb, meta = notebooks[stem]
-        href = page_href(stem); root = "../" * href.count("/")
-        neighbour = lambda j: {"title": titles[order[j]], "href": page_href(order[j])} if 0 <= j < len(order) else None
-        site = dict(root=root, href=href, sections=side, title=meta["title"] if stem != "index" else "",
-                    description=meta["description"] if stem != "index" else "", source=f"nbs/{stem}.ipynb",
-                    previous=neighbour(i - 1), next=neighbour(i + 1))
-        body, _ = exporter(root).from_notebook_node(nb, resources={"site": site, "metadata": {"name": titles[stem]}})
-        body = re.sub(r'href="((?![a-z]+:)[^"#]*?)\.ipynb(#[^"]*)?"', r'href="\1.html\2"', body)   # notebook links -> pages
-        if root: body = re.sub(r'href="index\.html', 'href="../index.html', body)   # nbs/index.ipynb is the home page
-        pages[tmp / href] = body
-    local_doc_links(tmp, pages, stems)
-    for page, body in pages.items(): page.write_text(body, encoding="utf-8")
-    (tmp / "_static").mkdir()
-    shutil.copy(HERE / "site.css", tmp / "_static" / "site.css")
-    shutil.copytree(mathjax_folder(), tmp / "_static" / "mathjax")
-    broken = copy_linked_files(tmp, pages)
-    if broken: raise SystemExit("make docs: links that lead nowhere:\n" + "\n".join(broken))
-    shutil.rmtree(out, ignore_errors=True); os.replace(tmp, out)
+    """Build the site into `out`, which is replaced only if absent, empty or made by an earlier build
+    (`stmn.base.replace_folder`: never the checkout, nor a folder of the user's); the pages written. Raises on a
+    relative link that resolves nowhere, leaving the previous site as it was."""
+    from stmn.base import replace_folder
+    start, written = time.time(), []
+
+    def fill(tmp: Path):
+        (tmp / "nbs").mkdir()
+        proc = processed_notebooks()
+        stems = sorted(proc)
+        side = sections(stems)
+        order = ["index"] + [p["stem"] for s in side for p in s["pages"]]
+        notebooks, titles = {}, {}
+        for stem in order:
+            nb = proc[stem]
+            meta = front_matter(nb); prepare(nb)
+            notebooks[stem], titles[stem] = (nb, meta), meta["title"] or stem
+        for s in side:
+            for p in s["pages"]: p["title"] = titles[p["stem"]]
+        pages = {}                                                            # {page path: its HTML}, written once
+        for i, stem in enumerate(order):
+            nb, meta = notebooks[stem]
+            href = page_href(stem); root = "../" * href.count("/")
+            neighbour = lambda j: {"title": titles[order[j]], "href": page_href(order[j])} if 0 <= j < len(order) else None
+            site = dict(root=root, href=href, sections=side, title=meta["title"] if stem != "index" else "",
+                        description=meta["description"] if stem != "index" else "", source=f"nbs/{stem}.ipynb",
+                        previous=neighbour(i - 1), next=neighbour(i + 1))
+            body, _ = exporter(root).from_notebook_node(nb, resources={"site": site, "metadata": {"name": titles[stem]}})
+            body = re.sub(r'href="((?![a-z]+:)[^"#]*?)\.ipynb(#[^"]*)?"', r'href="\1.html\2"', body)   # notebook links -> pages
+            if root: body = re.sub(r'href="index\.html', 'href="../index.html', body)   # nbs/index.ipynb is the home page
+            pages[tmp / href] = body
+        local_doc_links(tmp, pages, stems)
+        for page, body in pages.items(): page.write_text(body, encoding="utf-8")
+        (tmp / "_static").mkdir()
+        shutil.copy(HERE / "site.css", tmp / "_static" / "site.css")
+        shutil.copytree(mathjax_folder(), tmp / "_static" / "mathjax")
+        broken = copy_linked_files(tmp, pages)
+        if broken: raise SystemExit("make docs: links that lead nowhere:\n" + "\n".join(broken))
+        written.extend(p.relative_to(tmp) for p in pages)
+
+    out = replace_folder(out, fill, "the site (make docs)")
     shown = os.path.relpath(out, ROOT) if out.is_relative_to(ROOT) else out
-    print(f"{len(pages)} pages in {shown}/ ({time.time() - start:.0f} s); open {shown}/index.html")
-    return [out / p.relative_to(tmp) for p in pages]
+    print(f"{len(written)} pages in {shown}/ ({time.time() - start:.0f} s); open {shown}/index.html")
+    return [out / p for p in written]
 
 
 def local_doc_links(site: Path, pages: dict, stems: list[str]) -> None:
