@@ -12,10 +12,10 @@ import numpy as np
 import scipy.io
 
 # %% auto #0
-__all__ = ['MADE_BY', 'RUN_LOG', 'VERIFY_MODES', 'DATASET_REGISTRY', 'Tracklet', 'VideoDataset', 'DatasetLayoutError',
-           'BadImageError', 'layout_error', 'load_mat', 'json_parameter', 'previous_path', 'atomic_write', 'save_json',
-           'replace_folder', 'log_event', 'read_events', 'check_matrix', 'cpu_name', 'cpu_vector_isa', 'DatasetEntry',
-           'register_dataset', 'dataset_entry', 'resolve_protocol']
+__all__ = ['MADE_BY', 'RUN_LOG', 'VERIFY_MODES', 'DATASET_REGISTRY', 'Tracklet', 'VideoDataset', 'shared_frames',
+           'DatasetLayoutError', 'BadImageError', 'layout_error', 'load_mat', 'json_parameter', 'previous_path',
+           'atomic_write', 'save_json', 'replace_folder', 'log_event', 'read_events', 'check_matrix', 'cpu_name',
+           'cpu_vector_isa', 'DatasetEntry', 'register_dataset', 'dataset_entry', 'resolve_protocol']
 
 # %% ../nbs/00_base.ipynb #88666ed5
 @dataclass(frozen=True)
@@ -56,6 +56,19 @@ class VideoDataset:
             rows.append(f"{s:8}{ids:6d}{n:11d}{f:9d}{cams:6d}  {_quantiles([len(t) for t in getattr(self, s)])}")
         rows += [f"dropped: {n} {why}" for why, n in self.dropped.items()] or ["dropped: nothing"]
         return "\n".join(rows + [f"note: {n}" for n in self.notes])
+
+# %% ../nbs/00_base.ipynb #70c9cb5b
+def shared_frames(ds: VideoDataset) -> list[str]:
+    "Messages naming each frame that two tracklets of one split claim (training set; whole test set): a damaged list, not data."
+    found = []
+    for split, tracklets in (("train", ds.train), ("test", ds.test_all or list(dict.fromkeys(ds.query + ds.gallery)))):
+        owner = {}
+        for t in tracklets:
+            for f in t.frames:
+                if f in owner and owner[f] is not t:
+                    found.append(f"{split}: frame {f} is in two tracklets (ids {owner[f].pid} and {t.pid})"); break
+                owner.setdefault(f, t)
+    return found
 
 # %% ../nbs/00_base.ipynb #8426f17b
 class DatasetLayoutError(ValueError):

@@ -8,7 +8,7 @@ import hashlib, json, os
 from dataclasses import asdict, replace
 from pathlib import Path
 import numpy as np
-from .base import VideoDataset, DATASET_REGISTRY, VERIFY_MODES, dataset_entry
+from .base import VideoDataset, DATASET_REGISTRY, VERIFY_MODES, DatasetLayoutError, dataset_entry, shared_frames
 from .check import decode_check
 from .synth import SynthConfig
 from . import mars, datasets, synth                                  # noqa: F401 (their readers register themselves)
@@ -81,5 +81,8 @@ def load_dataset(name: str, root=None, protocol: str | None = None, *, split: in
     root = Path(root) if root not in (None, "") else default_data_root(name, **options)
     if entry.make is not None: entry.make(root, **options); options = {}          # the generator takes the options
     ds = entry.read(root, protocol=protocol or None, split=split if entry.splits else None, verify=verify, **options)
+    clash = shared_frames(ds)                                      # every reader: one frame, one tracklet
+    if clash: raise DatasetLayoutError(f"{len(clash)} frame(s) of {name} at {root} belong to two tracklets (a damaged name "
+                                       f"list or info table):\n  " + "\n  ".join(clash[:10]))
     if split is not None and not entry.splits: ds = validation_split(ds, split, trial)
     return decode_check(ds, bad_images) if verify == "decode" else ds

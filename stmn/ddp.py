@@ -52,7 +52,8 @@ def main(params_file: str) -> dict | None:
     if rank == 0:
         metrics = dict(evaluate_features(feats, ds, p["ap"]), sampling=p["test_sampling"], world_size=world, params=p,
                        seed=p["seed"], history=history, epochs_trained=learner.epoch,
-                       checkpoint=str(learner.checkpoint_path), speed=learner.speed, environment=environment_info(device),
+                       checkpoint=str(learner.checkpoint_path), speed=learner.speed, resumed=learner.resumed,
+                       environment=environment_info(device),
                        wall_seconds=time.time() - t0,
                        selection="last epoch (no model selection on the test set)")
         save_json(metrics, Path(p["out_dir"])/"metrics.json")

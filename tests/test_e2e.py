@@ -1,5 +1,6 @@
 """End to end: synthetic data → training → evaluation, through the library and through papermill."""
 import json
+from pathlib import Path
 import numpy as np
 import papermill as pm
 import pytest
@@ -47,6 +48,22 @@ def test_train_notebook_runs_and_evaluates(root, tmp_path, data_home):
     assert (tmp_path/"straight/checkpoint.pt").is_file() and (tmp_path/"straight/training_curve.png").stat().st_size > 1000
     # resume="auto" continuing a run stopped by a signal, bit for bit, is tests/test_slurm.py's (the notebook, through
     # SLURM) and tests/test_faults.py's (the learner, killed at several points)
+    # the same command again, scored another way: nothing trained, and the notebook and metrics.json say so
+    again = run_train(root, tmp_path/"straight", epochs=2, ap="interpolated")
+    assert again["resumed"] == dict(checkpoint=str(tmp_path/"straight/checkpoint.pt"), epoch=2, step=0)
+    assert again["history"] == straight["history"] and again["ap"] == "interpolated"
+    assert "the run was already trained, so this re-evaluates the trained model" in (tmp_path/"straight.ipynb").read_text()
+    # the same folder with another dataset of the same shape (a copy with one frame's bytes replaced): refused, each
+    # difference listed
+    import shutil
+    from stmn.data import default_data_root
+    shutil.copytree(default_data_root("synth"), tmp_path/"other")
+    first, second = (t.frames[0] for t in read_mars(tmp_path/"other").train[:2])
+    Path(first).write_bytes(Path(second).read_bytes())
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        run_train(root, tmp_path/"straight", epochs=2, data_root=str(tmp_path/"other"))
+    assert "data_root: '' in the checkpoint" in str(e.value) and "data_fingerprint:" in str(e.value)
+    assert json.loads((tmp_path/"straight/metrics.json").read_text())["ap"] == "interpolated"      # its results untouched
     # the evaluate notebook on that checkpoint reproduces the training run's number and scores every variant
     pm.execute_notebook(str(root/"nbs/evaluate.ipynb"), str(tmp_path/"ev.ipynb"), cwd=str(root), progress_bar=False,
                         parameters=dict(checkpoint=str(tmp_path/"straight/checkpoint.pt"), sampling="rrs", out_dir=str(tmp_path/"ev"), k_ranklist=5))

@@ -84,3 +84,16 @@ def test_a_checkpoint_of_another_identity_count_is_named_not_a_size_mismatch_tra
     Learner(build_model(p, 4), ds.train, p, tmp_path / "run").fit(1, progress=False)
     with pytest.raises(ValueError, match="its weights do not fit this run's model .*another run"):
         Learner(build_model(p, 5), ds.train, p, tmp_path / "run").fit(1, progress=False)
+
+
+def test_a_list_naming_one_tracklet_twice_is_refused_whatever_the_reader(tmp_path):
+    "LS-VID's sequence list with a line repeated: the training set would count those frames twice; `load_dataset` refuses."
+    from stmn.base import DatasetLayoutError
+    from stmn.data import load_dataset
+    from stmn.miniature import write_mini_lsvid
+    root = tmp_path / "lsvid"; write_mini_lsvid(root)
+    listing = root / "list_sequence/list_seq_train.txt"; lines = listing.read_text().splitlines()
+    listing.write_text("\n".join(lines + lines[:1]) + "\n")
+    with pytest.raises(DatasetLayoutError, match=r"frame\(s\) of lsvid .* belong to two tracklets") as e:
+        load_dataset("lsvid", root)
+    assert "train: frame " in str(e.value) and "(ids 1000 and 1000)" in str(e.value)

@@ -17,7 +17,7 @@ from stmn.miniature import write_mini_mars
 from stmn.recipes import resolve_params, validate_params
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-DISK = settings(FAST, max_examples=25)                      # each example copies and reads a dataset
+DISK = settings(FAST, max_examples=15)                      # each example copies and reads a dataset
 
 
 # ---- evaluation: random shapes, ties, NaN/inf, empty sets, junk-only galleries --------------------------------------
