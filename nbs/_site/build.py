@@ -197,4 +197,5 @@ def copy_linked_files(site: Path, pages: dict) -> list[str]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "_docs"), help="the site's folder (replaced)")
-    build(Path(parser.parse_args().out).resolve())
+    try: build(Path(parser.parse_args().out).resolve())
+    except FileExistsError as e: raise SystemExit(f"make docs: {e}") from None     # a refusal, said in one line
