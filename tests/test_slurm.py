@@ -89,6 +89,9 @@ def test_wait_false_submits_returns_and_reports(slurm, tmp_path):
 # The ends of a task, for real: a time limit, `scontrol requeue`, `scancel`; and torchrun inside one task. One campaign
 # submits them all at once (they overlap on the cluster), then each test reads what its runs left on disk.
 
+TIMED_SIGNAL_S = 8        # SIGUSR2 this long before the 1-minute limit; ¾ of it is what the step in progress and its
+                          # checkpoint get before the task asks to be requeued: a steady step, not the slow first one
+
 TRAIN = dict(dataset="synth", backbone="resnet10", pretrained=False, height=32, width=16, P=4, K=2, L=4, epochs=3,
              lr_step=100, test_sampling="rrs", workers=0, ckpt_every=6)      # 36 steps of about 0.6 s on one CPU
 
@@ -129,7 +132,8 @@ def campaign(slurm, tmp_path_factory):
     out, nb = tmp_path_factory.mktemp("campaign"), ROOT / "nbs/train.ipynb"
     cpu1 = dict(cpus_per_task=1, mem_gb=2)
     timed = [train_run("timed")]
-    run_slurm(timed, out, nb, cwd=ROOT, slurm=slurm_resources("smoke", time_min=1, signal_s=5, max_requeues=10, **cpu1), wait=False)
+    run_slurm(timed, out, nb, cwd=ROOT, slurm=slurm_resources("smoke", time_min=1, signal_s=TIMED_SIGNAL_S, max_requeues=10, **cpu1),
+              wait=False)
     pair = [train_run("requeued"), train_run("straight")]
     run_slurm(pair, out, nb, cwd=ROOT, slurm=slurm_resources("smoke", time_min=10, **cpu1), wait=False)
     ddp = [train_run("ddp", nproc=2, epochs=1, ckpt_every=0)]
@@ -143,10 +147,12 @@ def campaign(slurm, tmp_path_factory):
     runs = out / "runs"
     job = lambda run_dir: json.loads((run_dir / "slurm.json").read_text())["job_id"]
     # SLURM may send the time-limit signal up to a minute early (its event resolution), so with a 1-minute limit it can
-    # land before training starts or after it ends. While `timed` trains, the test sends the same SIGUSR2 itself: the
-    # signal -> checkpoint -> requeue path is taken every time, whatever SLURM's timing.
+    # land before training starts or after it ends. Once `timed` trains at its steady pace (its first checkpoint is
+    # written) and no signal has stopped it yet, the test sends the same SIGUSR2 itself: the signal -> checkpoint ->
+    # requeue path is taken every time, whatever SLURM's timing.
     training = lambda: [e["event"] for e in read_events(runs / "timed")][-1:] == ["train"]
-    wait_until(lambda: training() or read_events(runs / "timed", "interrupted"), 240, "`timed` to train")
+    steady = lambda: training() and (runs / "timed/checkpoint.pt").exists()
+    wait_until(lambda: steady() or read_events(runs / "timed", "interrupted"), 240, "`timed` to train")
     if not read_events(runs / "timed", "interrupted"):
         subprocess.run(["scancel", "--signal=USR2", job(runs / "timed")], check=True)
     wait_until(lambda: (runs / "requeued/checkpoint.pt").exists(), 240, "the first checkpoint of `requeued`")
