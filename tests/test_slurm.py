@@ -211,7 +211,8 @@ def test_a_task_past_its_time_limit_checkpoints_is_requeued_and_resumes(campaign
     assert stop["signal"] == "SIGUSR2" and stop["epoch"] * 12 + stop["step"] > 0
     resumed = [d for _, e, d in events[i:] if e == "train"][0]
     assert resumed["resumed"] and (resumed["epoch"], resumed["step"]) == (stop["epoch"], stop["step"])
-    assert names[-1] == "trained" and events[i + 2][1] == "job_start" and events[i + 2][2]["restarts"] >= 1
+    assert events[i + 2][1] == "job_start" and events[i + 2][2]["restarts"] >= 1
+    assert "trained" in names[i:]           # then done (a later signal while it evaluates may requeue it once more)
     assert_resumed_equal_to_straight(campaign, "timed")
 
 
