@@ -101,10 +101,9 @@ def _good_ranks(D, qp, gp, qc, gc, chunk, threads=2):
 # %% ../nbs/07_evaluation.ipynb #1fb78a43
 def evaluate(distmat, q_pids, g_pids, q_camids, g_camids, ap: str = "plain", max_rank: int = 50, chunk: int = 128) -> dict:
     "CMC (`cmc[k-1]` = rank-k), mAP, mINP, per-query `ap` (NaN if skipped), `n_valid`, `n_skipped` of a `[Q, G]` distance matrix."
-    _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids, ap)         # on every path, the GPU's included
     if isinstance(distmat, torch.Tensor) and distmat.is_cuda: return evaluate_torch(distmat, q_pids, g_pids, q_camids, g_camids, ap, max_rank, chunk)
     distmat = distmat.cpu().numpy() if isinstance(distmat, torch.Tensor) else np.asarray(distmat)
-    qp, gp, qc, gc = _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids, ap)
+    qp, gp, qc, gc = _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids, ap)   # evaluate_torch checks its own
     return _summarise(_good_ranks(distmat, qp, gp, qc, gc, chunk), ap, max_rank)
 
 # %% ../nbs/07_evaluation.ipynb #5afee217
