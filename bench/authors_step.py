@@ -33,7 +33,7 @@ def main(argv=None):
     if dev.type == "cuda": torch.Tensor.cuda, torch.nn.Module.cuda = real_cuda  # on a GPU their .cuda() calls must work
     from stmn.model import STMN, STMNConfig
     from stmn.learner import Learner
-    from stmn.recipes import resolve_params
+    from stmn.recipes import RunConfig
     from stmn.base import Tracklet
     from stmn.speed import sync
 
@@ -46,8 +46,8 @@ def main(argv=None):
         total = parts["track_id"] + parts["trip"] + out["smem"]["loss"]["mem_trip"].mean() + out["tmem"]["loss"]["mem_trip"].mean()
         opt.zero_grad(); total.backward(); opt.step()
 
-    p = resolve_params(dict(dataset="mars", model="stmn", M=10, N=5, alpha=.3, seed=0, pretrained=False, P=a.P, K=a.K,
-                            workers=0, amp="fp32", channels_last=False))
+    p = RunConfig(dataset="mars", model="stmn", seed=0, pretrained=False, P=a.P, K=a.K,   # M, N, α: the paper's
+                  workers=0, amp="fp32", channels_last=False)
     ours = STMN(STMNConfig(625, backbone="resnet50", M=10, N=5, L=6, stem_relu=False, bnneck_train_weight=True))
     with tempfile.TemporaryDirectory() as d:
         learner = Learner(ours, [Tracklet(("x.jpg",), pid, 1) for pid in range(625)], p, d, device=dev)

@@ -12,12 +12,13 @@ and reported, the next one runs); a failed check is reported and the next sectio
 """
 from __future__ import annotations
 import importlib.util, json, math, os, shutil, signal, subprocess, sys, tempfile, time, traceback
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_PACKAGES = ("papermill", "ipykernel", "submitit")           # what a bare GPU machine lacks (the notebooks' runtime)
 TOTAL_S = 470                                                         # the whole command: under 8 minutes
-PAPER = dict(backbone="resnet50", height=256, width=128, P=8, K=4, L=6)   # the paper's configuration (METHOD.md)
+PAPER = dict(backbone="resnet50", height=256, width=128, P=8, K=4, L=6)   # the paper's configuration (DECISIONS.md)
 
 
 class SectionTimeout(Exception):
@@ -74,13 +75,13 @@ def check(sec, name: str, ok: bool, detail: str):
 # --------------------------------------------------------------------------------------------------------------------
 # helpers
 
-def params(c: Check, **change) -> dict:
-    "Resolved training parameters: the synthetic recipe, on this device, with `change`."
-    from stmn.recipes import resolve_params
-    p = dict(dataset="synth", model="stmn", M=10, N=5, alpha=.3, seed=0, pretrained=False, workers=0, erasing=True,
-             device=c.device, out_dir=str(c.work/"run"), ckpt_every=0, amp="", channels_last=None, compile=False,
+def params(c: Check, **change):
+    "The run's `RunConfig`: the synthetic recipe and the paper's M, N, α, on this device, with `change`."
+    from stmn.recipes import RunConfig
+    p = dict(dataset="synth", model="stmn", seed=0, pretrained=False, workers=0, erasing=True,
+             device=str(c.device), out_dir=str(c.work/"run"), ckpt_every=0, amp="", channels_last=None, compile=False,
              data_root="", synth_seed=0, protocol="", split=None, trial=0, ap="plain", resume="auto", nproc=1, sync_bn=False)
-    return resolve_params({**p, **change})
+    return RunConfig(**{**p, **change})
 
 
 def synthetic(c: Check, height: int, width: int, ids: int):
@@ -166,20 +167,20 @@ def resume(c: Check, sec):
         p = params(c, backbone="resnet18" if not c.tiny else "resnet10", height=64 if not c.tiny else 32, width=32 if not c.tiny else 16,
                    P=4, K=2, L=4 if not c.tiny else 2, ckpt_every=2, epochs=2, lr_step=100,
                    **({"model": "baseline"} if c.tiny else {}))                # on the CPU: the same loop, smaller checkpoints
-        data = synthetic(c, p["height"], p["width"], ids=16 if not c.tiny else 8)
+        data = synthetic(c, p.height, p.width, ids=16 if not c.tiny else 8)
         n = len({t.pid for t in data})
-        run = lambda d, **kw: Learner(build_model(p | kw, n), data, p | kw, c.work/d, c.device)
-        straight = run("straight"); straight.fit(p["epochs"], progress=False)
+        run = lambda d, **kw: Learner(build_model(replace(p, **kw), n), data, replace(p, **kw), c.work/d, c.device)
+        straight = run("straight"); straight.fit(p.epochs, progress=False)
         killed = run("killed"); real = killed.train_step; calls = []
-        stop_at = p["epochs"] * len(killed.sampler) - 1                # dies before its last step but one: resumes from a checkpoint
+        stop_at = p.epochs * len(killed.sampler) - 1                # dies before its last step but one: resumes from a checkpoint
         def step(*b):
             calls.append(1)
             if len(calls) == stop_at: raise KeyboardInterrupt("killed")
             return real(*b)
         killed.train_step = step
-        try: killed.fit(p["epochs"], progress=False)
+        try: killed.fit(p.epochs, progress=False)
         except KeyboardInterrupt: pass
-        resumed = run("killed"); resumed.fit(p["epochs"], progress=False)
+        resumed = run("killed"); resumed.fit(p.epochs, progress=False)
         from stmn.base import read_events
         start = read_events(c.work/"killed", "train")[-1]                   # where the second process began
         same = resumed.step_losses == straight.step_losses
@@ -274,7 +275,7 @@ def speed(c: Check, sec):
         l = Learner(FrameClassifier(625, shape["backbone"]) if plain else build_model(p, 625), ids, p, c.work/"speed", c.device)
         if plain: l.loss = frame_classifier_loss
         r = time_train_step(l, x, y, steps=5 if gpu else 2, warmup=3 if gpu else 1)
-        peak = peak_tflops(torch.cuda.get_device_name(), p["amp"] if p["amp"] else "fp32") if gpu else None
+        peak = peak_tflops(torch.cuda.get_device_name(), p.amp if p.amp else "fp32") if gpu else None
         r["mfu"] = fl["step"] / r["step_s"] / 1e12 / peak if (peak and not plain) else None
         steps[name] = r; print(f"           {name}: {r['frames_per_s']:.0f} frames/s" + (f", MFU {100 * r['mfu']:.1f} %" if r["mfu"] else ""), flush=True)
         if name == "bf16 + channels-last" and gpu: N["largest_batch"] = largest_batch(l, L, shape["height"], shape["width"], K=shape["K"], Ps=(8, 16, 32, 48, 64))
@@ -341,7 +342,7 @@ def memory_question(c: Check, sec):
                 if (steps_stmn is None and time.time() - t >= each) or (steps_stmn is not None and step >= steps_stmn): break
             epoch += 1
         seconds = time.time() - t; steps_stmn = steps_stmn or step
-        r = evaluate_model(l.model, ds, p["L"], p["height"], p["width"], "rrs", device=c.device)
+        r = evaluate_model(l.model, ds, p.L, p.height, p.width, "rrs", device=c.device)
         out[model] = dict(steps=step, seconds=seconds, rank1=r["rank1"], mAP=r["mAP"], readout_bn_abs_w=curve + ([(step, float(bn.weight.detach().abs().mean()))] if bn is not None else []))
         print(f"           {model}: {step} steps in {seconds:.0f} s, rank-1 {100 * r['rank1']:.1f} %, mAP {100 * r['mAP']:.1f} %", flush=True)
     sec["numbers"].update(out)
@@ -423,7 +424,7 @@ def markdown(R: dict) -> str:
     if sp.get("train_step"):
         out += ["", "## Training step", "", f"{sp['gflop_per_trained_frame']:.1f} GFLOP per trained frame (forward and backward, counted).", "",
                 "| variant | frames/s | s/step | peak GB | MFU |", "|---|---|---|---|---|"]
-        for k, v in sp["train_step"].items():
+        for k, v in sp.train_step.items():
             mfu = "–" if v["mfu"] is None else f"{100 * v['mfu']:.1f} %"
             out.append(f"| {k} | {v['frames_per_s']:.0f} | {v['step_s']:.3f} | {v['peak_gb']:.2f} | {mfu} |")
     return "\n".join(out) + "\n"

@@ -21,11 +21,11 @@ def frame_maps(model, tracklets, L: int, height: int, width: int, batch_size: in
     "RRS-clip maps of `tracklets`: f_o, f_s `[T, L, D]`, attn `[T, L]`, p_s `[T, L, h, w, M]` (None without memory), frame paths `[T][L]`."
     clips = TestClips(tracklets, L, height, width, "rrs")
     out = {"f_o": [], "f_s": [], "attn": [], "p_s": []}
+    h, w = height // model.feature_stride, width // model.feature_stride       # the maps: H/stride × W/stride
     for _, f in map_clips(model, clips, model.forward_features, batch_size, device):   # the evaluation's loop over clips
         for k in ("f_o", "f_s", "attn"): out[k].append(f[k].float().cpu())
         if f.get("p_s") is not None:
-            b, h, w = len(f["attn"]), height // 16, width // 16                  # stride-1 layer4: maps are H/16 × W/16
-            out["p_s"].append(f["p_s"].float().cpu().view(b, L, h, w, -1))       # [b·L·h·w, M] → [b, L, h, w, M]
+            out["p_s"].append(f["p_s"].float().cpu().view(len(f["attn"]), L, h, w, -1))   # [b·L·h·w, M] → [b, L, h, w, M]
     res = {k: torch.cat(v) if v else None for k, v in out.items()}
     res["frames"] = [[tracklets[i].frames[j] for j in c] for i, c in clips.clips]
     return res
@@ -79,8 +79,8 @@ def choose_queries(n: int, seed: int, rule: str, n_query: int, rank_a=None, rank
     return np.lexsort((np.arange(n_query), -gap))[:n].tolist()
 
 # %% ../nbs/10_analysis.ipynb #34031373
-def _crop(path, r: int, c: int, height: int, width: int, cell: int = 16, margin: int = 8) -> np.ndarray:
-    "The input patch around feature-map cell (r, c), with `margin` pixels of context, as an RGB array."
+def _crop(path, r: int, c: int, height: int, width: int, cell: int, margin: int = 8) -> np.ndarray:
+    "The input patch around feature-map cell (r, c) of `cell` × `cell` pixels, with `margin` pixels of context, as an RGB array."
     img = np.asarray(Image.open(path).convert("RGB").resize((width, height)))
     y0, x0 = max(0, r * cell - margin), max(0, c * cell - margin)
     return img[y0:(r + 1) * cell + margin, x0:(c + 1) * cell + margin]
@@ -94,14 +94,15 @@ def top_patches(p_s, frames, m: int, k: int) -> list[tuple]:
 
 # %% ../nbs/10_analysis.ipynb #980bbf94
 def draw_item_patches(p_s, frames, height: int, width: int, k: int = 8, title: str = ""):
-    "Fig. 1 (left): one row per spatial item, its `k` strongest patches; p_s `[T, L, h, w, M]`."
-    M = p_s.shape[-1]; usage = item_usage(p_s.reshape(-1, M))
+    "Fig. 1 (left): one row per spatial item, its `k` strongest patches; p_s `[T, L, h, w, M]` of `height` × `width` frames."
+    M, cell = p_s.shape[-1], height // p_s.shape[2]                             # a map location covers cell × cell pixels
+    usage = item_usage(p_s.reshape(-1, M))
     fig, axes = plt.subplots(M, k, figsize=(k * .6, M * 1.05), squeeze=False)
     for m in range(M):
         picks = top_patches(p_s, frames, m, k)
         for j, ax in enumerate(axes[m]):
             ax.axis("off")
-            if j < len(picks): ax.imshow(_crop(picks[j][0], picks[j][1], picks[j][2], height, width)); ax.set_title(f"{picks[j][3]:.2f}", fontsize=5)
+            if j < len(picks): ax.imshow(_crop(picks[j][0], picks[j][1], picks[j][2], height, width, cell)); ax.set_title(f"{picks[j][3]:.2f}", fontsize=5)
         axes[m, 0].text(-4, 12, f"item {m}\n{100 * usage[m]:.0f}%", fontsize=6, ha="right")
     fig.suptitle(title, fontsize=7); fig.tight_layout()
     return fig

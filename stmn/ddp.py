@@ -10,13 +10,14 @@ import torch
 import torch.distributed as dist
 from .base import save_json
 from .data import load_dataset
-from .recipes import build_model
+from dataclasses import asdict, replace
+from .recipes import RunConfig, build_model
 from .learner import Learner
 from .evaluation import extract_features, evaluate_features
 from .speed import environment_info
 
 # %% auto #0
-__all__ = ['embed_sharded', 'main', 'launch']
+__all__ = ['EVAL_BATCH', 'embed_sharded', 'main', 'launch']
 
 # %% ../nbs/08c_distributed.ipynb #fddcbeb4
 def embed_sharded(model, tracklets: list, L: int, height: int, width: int, mode: str, batch_size: int, device) -> dict:
@@ -29,42 +30,49 @@ def embed_sharded(model, tracklets: list, L: int, height: int, width: int, mode:
     return {tracklets[i]: v for part in parts for i, v in part}
 
 # %% ../nbs/08c_distributed.ipynb #157fe67e
+EVAL_BATCH = 32                  # clips per forward pass when each rank extracts its share of the features
+
 def main(params_file: str) -> dict | None:
-    "Train and evaluate the run described by `params_file` (resolved training parameters) in this torchrun process."
-    p = json.loads(Path(params_file).read_text())
-    cuda = torch.cuda.is_available() and p.get("device", "auto") != "cpu"
+    "Train and evaluate the run `params_file` describes (`launch`'s: a `RunConfig` and the run's identity) in this torchrun process."
+    saved = json.loads(Path(params_file).read_text())
+    cfg, identity = RunConfig.from_dict(saved["config"]), saved["identity"]
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
     if cuda: torch.cuda.set_device(device)
     t0 = time.time()
     if rank != 0: dist.barrier()                                  # rank 0 first: it may generate the synthetic data
-    ds = load_dataset(p["dataset"], p["data_root"] or None, p["protocol"] or None, split=p["split"], trial=p["trial"],
-                      **({"seed": p["synth_seed"]} if p["dataset"] == "synth" else {}))
+    ds = load_dataset(cfg.dataset, cfg.data_root or None, cfg.protocol or None, split=cfg.split, trial=cfg.trial,
+                      verify=cfg.verify, bad_images=cfg.bad_images,
+                      **({"seed": cfg.synth_seed} if cfg.dataset == "synth" else {}))
     if rank == 0: dist.barrier()
-    learner = Learner(build_model(p, len({t.pid for t in ds.train})), ds.train, p, p["out_dir"], device)
-    history = learner.fit(p["epochs"], resume=p["resume"], progress=rank == 0)
+    model = build_model(cfg, len({t.pid for t in ds.train}))
+    learner = Learner(model, ds.train, cfg, cfg.out_dir, device, identity=identity)
+    history = learner.fit(cfg.epochs, resume=cfg.resume, progress=rank == 0)
     steps = dict(rank=rank, steps_per_epoch=len(learner.sampler), epochs=learner.epoch)
-    Path(p["out_dir"], f"steps_rank{rank}.json").write_text(json.dumps(steps))
+    Path(cfg.out_dir, f"steps_rank{rank}.json").write_text(json.dumps(steps))
     index = list(dict.fromkeys(list(ds.gallery) + list(ds.query)))
-    feats = embed_sharded(learner.model, index, p["L"], p["height"], p["width"], p["test_sampling"], 32, device)
+    feats = embed_sharded(learner.model, index, cfg.L, cfg.height, cfg.width, cfg.test_sampling, EVAL_BATCH, device)
     metrics = None
     if rank == 0:
-        metrics = dict(evaluate_features(feats, ds, p["ap"]), sampling=p["test_sampling"], world_size=world, params=p,
-                       seed=p["seed"], history=history, epochs_trained=learner.epoch,
+        metrics = dict(evaluate_features(feats, ds, cfg.ap), sampling=cfg.test_sampling, world_size=world,
+                       params=learner.record, seed=cfg.seed, history=history, epochs_trained=learner.epoch,
                        checkpoint=str(learner.checkpoint_path), speed=learner.speed, resumed=learner.resumed,
                        environment=environment_info(device),
                        wall_seconds=time.time() - t0,
                        selection="last epoch (no model selection on the test set)")
-        save_json(metrics, Path(p["out_dir"])/"metrics.json")
-    dist.barrier(); dist.destroy_process_group()
+        save_json(metrics, Path(cfg.out_dir)/"metrics.json")
+    dist.barrier()
+    dist.destroy_process_group()
     return metrics
 
 # %% ../nbs/08c_distributed.ipynb #ef1637df
-def launch(p: dict, nproc: int, timeout: float | None = None) -> dict:
-    "Run `main` under `torchrun --standalone --nproc_per_node nproc` for resolved parameters `p`; return its metrics."
-    out = Path(p["out_dir"]); out.mkdir(parents=True, exist_ok=True)
-    save_json(p, out/"params_ddp.json")
+def launch(cfg: RunConfig, nproc: int, timeout: float | None = None, identity: dict | None = None) -> dict:
+    "Run `main` under `torchrun --standalone --nproc_per_node nproc` for `cfg` (and the run's `identity`); return its metrics."
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(dict(config=asdict(cfg), identity=identity or {}), out/"params_ddp.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "stmn.ddp", str(out/"params_ddp.json")]
     done = subprocess.run(cmd, timeout=timeout)

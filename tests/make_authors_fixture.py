@@ -5,16 +5,17 @@
     python tests/make_authors_fixture.py /somewhere/STMN
 
 It builds their `network.STMN` on the CPU (patching only what stops it running there: `.cuda()` calls, the ImageNet
-download and the argparse call at import), fills every parameter and buffer with `stmn.model.seeded_tensor(name,
-shape)`, runs a seeded clip through it in eval mode (descriptor, f^o, f^s, memory addressing, temporal attention)
-and in train mode (their loss terms), and saves names, shapes, input rule and outputs. No code of theirs is copied:
-their modules are imported from the given folder.
+download and the argparse call at import), fills every parameter and buffer with `seeded_tensor(name, shape)` of
+tests/helpers.py, runs a seeded clip through it in eval mode (descriptor, f^o, f^s, memory addressing, temporal
+attention) and in train mode (their loss terms), and saves names, shapes, input rule and outputs. No code of theirs
+is copied: their modules are imported from the given folder.
 """
 import json, subprocess, sys, types
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from helpers import seeded_tensor        # this folder: sys.path[0] when run as a script, before the authors' folders
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT/"tests"/"fixtures"/"authors_stmn.npz"
@@ -41,7 +42,6 @@ def clip() -> torch.Tensor:
 
 
 def main(repo):
-    from stmn.model import seeded_tensor
     repo = Path(repo)
     STMN, Loss, memory = authors_model(repo)
     net = STMN(2048, num_class=CLASSES, stride=1)

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / "nbs"
 STORED = re.compile(r"^(\d\d[a-z]?_.*|index)\.ipynb$")     # component notebooks (and the home page) store outputs
 VARY_TAG = "outputs-vary"
-SLOWEST_FIRST = ("08b_learner", "07_evaluation", "08c_distributed", "01_synth")   # started first: the run ends sooner
+SLOWEST_FIRST = ("08b_learner", "07_evaluation", "08c_distributed", "01_synth", "09b_executors")   # started first: the run ends sooner
 IMAGE_MIMES = ("image/png", "image/jpeg", "image/svg+xml")
 FAST_LEAVES_OUT = ("08c_distributed",)                    # torchrun with two processes: `make test` runs it, `make test-fast` not
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from stmn.model import load_authors_state_dict, seeded_tensor
+from stmn.model import load_authors_state_dict
+from helpers import seeded_tensor
 from stmn.losses import stmn_loss
 
 FIXTURE = Path(__file__).parent/"fixtures"/"authors_stmn.npz"

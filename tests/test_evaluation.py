@@ -2,7 +2,16 @@
 import numpy as np
 import pytest
 import torch
-from stmn.evaluation import evaluate, evaluate_reference, evaluate_torch, random_case
+from stmn.evaluation import evaluate, evaluate_reference, evaluate_torch
+
+
+def random_case(rng: np.random.Generator, ties: bool):
+    "A random evaluation case `(distmat, q_pids, g_pids, q_camids, g_camids)` with junk, distractors and unmatched queries."
+    Q, G = int(rng.integers(1, 9)), int(rng.integers(1, 40))
+    D = rng.integers(0, 3, (Q, G)).astype(np.float32) if ties else rng.random((Q, G), dtype=np.float32)
+    if rng.random() < .1: gp = np.full(G, -1)                                   # an all-junk gallery
+    else: gp = rng.integers(-1, 5, G)
+    return D, rng.integers(0, 6, Q), gp, rng.integers(1, 4, Q), rng.integers(1, 4, G)
 
 
 def literal(dist, q_pids, g_pids, q_camids, g_camids, max_rank=50):
@@ -73,3 +82,20 @@ def test_mars_sized_case_matches_the_reference():
     for ap in ("plain", "interpolated"):
         a, b = evaluate(D, gp[qi], gp, gc[qi], gc, ap=ap), evaluate_reference(D, gp[qi], gp, gc[qi], gc, ap=ap)
         assert np.allclose(a["cmc"], b["cmc"]) and np.allclose(a["ap"], b["ap"], equal_nan=True) and a["mINP"] == pytest.approx(b["mINP"])
+
+
+def test_chunk_defaults_apply_where_documented(monkeypatch):
+    "`evaluate` ranks CPU_CHUNK queries a block unless told otherwise; `evaluate_torch` (and a CUDA tensor through `evaluate`) TORCH_CHUNK."
+    import inspect
+    import stmn.evaluation as ev
+    seen, ranks = [], ev._match_ranks
+    monkeypatch.setattr(ev, "_match_ranks", lambda *a, **k: seen.append(a[5]) or ranks(*a, **k))
+    D, *ids = random_case(np.random.default_rng(0), ties=True)
+    assert np.array_equal(ev.evaluate(D, *ids)["cmc"], ev.evaluate(D, *ids, chunk=1)["cmc"])        # exact whatever the block
+    assert seen == [ev.CPU_CHUNK, 1]
+    assert inspect.signature(ev.evaluate_torch).parameters["chunk"].default == ev.TORCH_CHUNK
+    if torch.cuda.is_available():
+        blocks, torch_path = [], ev.evaluate_torch
+        monkeypatch.setattr(ev, "evaluate_torch", lambda *a: blocks.append(a[-1]) or torch_path(*a))
+        got = ev.evaluate(torch.from_numpy(D).cuda(), *ids)
+        assert blocks == [ev.TORCH_CHUNK] and np.array_equal(got["cmc"], ev.evaluate(D, *ids)["cmc"])

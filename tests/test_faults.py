@@ -11,7 +11,7 @@ from stmn.data import load_dataset
 from stmn.mars import read_mars
 from stmn.checkpoints import CheckpointError
 from stmn.learner import Learner
-from stmn.recipes import build_model, resolve_params
+from stmn.recipes import RunConfig, build_model
 from stmn.base import previous_path
 from stmn.sampling import PKSampler
 from stmn.synth import SynthConfig, make_synthetic_mars
@@ -30,9 +30,9 @@ CHILD = textwrap.dedent("""
     import os, signal, sys, json, torch
     from stmn.mars import read_mars
     from stmn.learner import Learner
-    from stmn.recipes import build_model, resolve_params
+    from stmn.recipes import RunConfig, build_model
     data, out, kill = sys.argv[1], sys.argv[2], sys.argv[3]
-    p = resolve_params(json.loads(sys.argv[4]))
+    p = RunConfig(**json.loads(sys.argv[4]))
     learner = Learner(build_model(p, 6), read_mars(data).train, p, out)
     what, n = kill.split(":") if kill else ("", "0")
     count = {"step": 0, "save": 0}
@@ -51,7 +51,7 @@ CHILD = textwrap.dedent("""
                 f.write(b"x" * 1000); f.flush(); os.kill(os.getpid(), signal.SIGKILL)
             return save(obj, f, *a, **k)
         torch.save = killing_save
-    learner.fit(p["epochs"], progress=False)
+    learner.fit(p.epochs, progress=False)
 """)
 
 
@@ -98,7 +98,7 @@ def test_killed_run_resumes_to_the_same_run(data, reference, tmp_path):
 
 
 def test_torn_checkpoint(data, tmp_path):
-    p = resolve_params(dict(P, epochs=1, workers=0))
+    p = RunConfig(**dict(P, epochs=1, workers=0))
     Learner(build_model(p, 6), read_mars(data).train, p, tmp_path).fit(1, progress=False)
     ckpt = tmp_path/"checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:5000])                      # truncated on disk
@@ -112,7 +112,7 @@ def test_torn_checkpoint(data, tmp_path):
 
 
 def test_unwritable_or_full_output(data, tmp_path):
-    p = resolve_params(dict(P, epochs=1, workers=0))
+    p = RunConfig(**dict(P, epochs=1, workers=0))
     (tmp_path/"file").write_text("a file, not a folder")
     with pytest.raises(OSError, match="not writable"):              # fails before any training
         Learner(build_model(p, 6), read_mars(data).train, p, tmp_path/"file"/"run")
@@ -131,7 +131,7 @@ def test_unwritable_or_full_output(data, tmp_path):
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_good_weights(data, tmp_path):
-    p = resolve_params(dict(P, workers=0))
+    p = RunConfig(**dict(P, workers=0))
     l = Learner(build_model(p, 6), read_mars(data).train, p, tmp_path)
     real, n = l.loss, {"k": 0}
     def poisoned(out, y):
@@ -196,7 +196,7 @@ def test_sampler_edges():
 def test_no_network_at_run_time(data, tmp_path, monkeypatch):
     def refuse(*a, **k): raise AssertionError("network use")
     monkeypatch.setattr(socket.socket, "connect", refuse)
-    p = resolve_params(dict(P, epochs=1, workers=0))
+    p = RunConfig(**dict(P, epochs=1, workers=0))
     Learner(build_model(p, 6), read_mars(data).train, p, tmp_path).fit(1, progress=False)   # pretrained=False: no network
     import torchvision
     def offline(self, *a, **k): raise OSError("network unreachable")

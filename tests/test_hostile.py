@@ -48,30 +48,31 @@ def test_nan_or_empty_input_to_any_evaluation_path_is_an_error():
 
 
 def tiny_run(tmp_path, name, seed):
-    "Parameters and training set of a tiny run on the synthetic dataset made with `seed` at `tmp_path/name`."
+    "Configuration, identity and training set of a tiny run on the synthetic dataset made with `seed` at `tmp_path/name`."
     from stmn.checkpoints import run_identity
     from stmn.mars import read_mars
-    from stmn.recipes import resolve_params
+    from stmn.recipes import RunConfig
     from stmn.synth import SynthConfig, make_synthetic_mars
     root = make_synthetic_mars(tmp_path / name, SynthConfig(seed=seed, n_train_ids=4, n_test_ids=2, n_distractor_tracklets=1,
                                                             n_junk_tracklets=1, max_frames=8))
     ds = read_mars(root)
-    p = resolve_params(dict(dataset="synth", model="stmn", backbone="resnet10", M=3, N=2, alpha=.3, seed=0, P=2, K=2, L=3,
-                            epochs=1, lr_step=1, workers=0, height=32, width=16, data_root=str(root), synth_seed=seed))
-    return {**p, **run_identity(p, ds)}, ds
+    cfg = RunConfig(dataset="synth", model="stmn", backbone="resnet10", M=3, N=2, alpha=.3, seed=0, P=2, K=2, L=3,
+                    epochs=1, lr_step=1, workers=0, height=32, width=16, data_root=str(root), synth_seed=seed)
+    return cfg, run_identity(cfg, ds), ds
 
 
 def test_a_run_folder_reused_with_other_data_is_refused_listing_the_difference(tmp_path):
     "Trained on one dataset, resumed with another of the same shape: an error listing data_root and the fingerprint."
     from stmn.learner import Learner
     from stmn.recipes import build_model
-    p, ds = tiny_run(tmp_path, "a", 0)
-    Learner(build_model(p, 4), ds.train, p, tmp_path / "run").fit(1, progress=False)
-    again = Learner(build_model(p, 4), ds.train, p, tmp_path / "run"); again.fit(1, progress=False)   # the same run: fine
+    p, identity, ds = tiny_run(tmp_path, "a", 0)
+    Learner(build_model(p, 4), ds.train, p, tmp_path / "run", identity=identity).fit(1, progress=False)
+    again = Learner(build_model(p, 4), ds.train, p, tmp_path / "run", identity=identity)
+    again.fit(1, progress=False)                                                                    # the same run: fine
     assert again.resumed == dict(checkpoint=str(tmp_path / "run/checkpoint.pt"), epoch=1, step=0)
-    q, other = tiny_run(tmp_path, "b", 1)
+    q, other_identity, other = tiny_run(tmp_path, "b", 1)
     with pytest.raises(ValueError) as e:
-        Learner(build_model(q, 4), other.train, q, tmp_path / "run").fit(1, progress=False)
+        Learner(build_model(q, 4), other.train, q, tmp_path / "run", identity=other_identity).fit(1, progress=False)
     message = str(e.value)
     assert "data_root:" in message and "data_fingerprint:" in message and "synth_seed: 0 in the checkpoint, 1 now" in message
     assert "use another out_dir, or resume='' to train afresh here" in message
@@ -80,10 +81,10 @@ def test_a_run_folder_reused_with_other_data_is_refused_listing_the_difference(t
 def test_a_checkpoint_of_another_identity_count_is_named_not_a_size_mismatch_traceback(tmp_path):
     from stmn.learner import Learner
     from stmn.recipes import build_model
-    p, ds = tiny_run(tmp_path, "a", 0)
-    Learner(build_model(p, 4), ds.train, p, tmp_path / "run").fit(1, progress=False)
+    p, identity, ds = tiny_run(tmp_path, "a", 0)
+    Learner(build_model(p, 4), ds.train, p, tmp_path / "run", identity=identity).fit(1, progress=False)
     with pytest.raises(ValueError, match="its weights do not fit this run's model .*another run"):
-        Learner(build_model(p, 5), ds.train, p, tmp_path / "run").fit(1, progress=False)
+        Learner(build_model(p, 5), ds.train, p, tmp_path / "run", identity=identity).fit(1, progress=False)
 
 
 def test_a_list_naming_one_tracklet_twice_is_refused_whatever_the_reader(tmp_path):

@@ -1,5 +1,5 @@
 """The project's shape: dependencies agree, README is the index notebook, modules are what the notebooks export."""
-import configparser, filecmp, json, shutil, subprocess, sys
+import configparser, filecmp, json, re, shutil, subprocess, sys
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -120,11 +120,19 @@ def test_imports_run_one_way(root):
         assert not graph[low] & {"recipes", "checkpoints", "learner", "ddp", "speed", "sweep", "evaluation"}, (low, graph[low])
 
 
-def test_train_parameters_agree_with_recipes(root):
+def test_train_parameters_are_run_config_fields(root):
+    "train.ipynb's parameters cell is RunConfig's field lines; papermill reads the same names, types, defaults and help."
     import papermill as pm
-    from stmn.recipes import recipe_disagreements
-    problems = recipe_disagreements(pm.inspect_notebook(str(root/"nbs/train.ipynb")))
-    assert not problems, "nbs/train.ipynb's parameters cell and stmn.recipes disagree:\n" + "\n".join(problems)
+    from stmn.recipes import parameter_disagreements, parameters_cell, recipe_disagreements
+    cell = next(c for c in json.loads((root/"nbs/train.ipynb").read_text())["cells"] if "parameters" in c["metadata"].get("tags", []))
+    assert "".join(cell["source"]) == parameters_cell(), "copy stmn.recipes.parameters_cell() into train.ipynb's parameters cell"
+    problems = parameter_disagreements(pm.inspect_notebook(str(root/"nbs/train.ipynb"))) + recipe_disagreements()
+    assert not problems, "nbs/train.ipynb's parameters cell and stmn.recipes.RunConfig disagree:\n" + "\n".join(problems)
+    help_text = subprocess.run([sys.executable, "-m", "papermill", "--help-notebook", str(root/"nbs/train.ipynb")],
+                               capture_output=True, text=True, check=True).stdout
+    from stmn.recipes import field_help
+    for name, (kind, default, comment) in field_help().items():
+        assert f"{name}: {kind} (default {default})" in help_text and comment in help_text, name
 
 
 def test_imports_follow_the_layers_00_base_documents(root):
@@ -137,3 +145,41 @@ def test_imports_follow_the_layers_00_base_documents(root):
     assert set(graph) <= set(layer), f"modules missing from 00_base's layer table: {sorted(set(graph) - set(layer))}"
     up = [f"stmn.{a} (layer {layer[a]}) imports stmn.{b} (layer {layer[b]})" for a in graph for b in graph[a] if layer[b] > layer[a]]
     assert not up, "imports that run upwards:\n" + "\n".join(up)
+
+
+DOCUMENT_NAME = re.compile(r"(?<![\w/.-])((?:[\w.-]+/)*(?:[A-Z][A-Z_]+\.md|\d\d[a-z]?_\w+\.ipynb))")   # README.md, nbs/04_memory.ipynb
+MARKDOWN_LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")                                              # [text](target)
+
+
+def named_documents(path: Path, text: str) -> list[tuple[str, Path]]:
+    "The documents `text` (the file at `path`) names: (as written, where it must be) for each upper-case Markdown name, numbered notebook and relative link."
+    out = []
+    for name in DOCUMENT_NAME.findall(text):
+        if not (path.parts[0] == "tests" and name.endswith(".ipynb")):      # the tests write their own numbered notebooks
+            out.append((name, Path(name)))                                        # checked by file name below: cited from anywhere
+    cells = json.loads(text)["cells"] if path.suffix == ".ipynb" else [dict(cell_type="markdown", source=text)]
+    base = Path(".") if path.name == "index.ipynb" else path.parent          # index.ipynb is README.md, read from the top
+    for cell in cells:
+        if cell["cell_type"] == "markdown" and path.suffix in (".md", ".ipynb"):
+            for target in MARKDOWN_LINK.findall("".join(cell["source"])):
+                if "://" not in target and not target.startswith("mailto:"): out.append((target, base/target))
+    return out
+
+
+def test_no_file_names_a_document_it_does_not_hold(root):
+    """Every document a tracked file names is in the repository: a reader who clones it can follow each reference.
+    Upper-case Markdown names and numbered notebooks are found by file name (a docstring cites the decisions page
+    by section from any folder); a markdown link must resolve from its file's folder. Outputs a command writes (runs/,
+    tables/) are lower-case names and not checked, nor the notebooks the tests write; the authors' files cited by
+    path (`run_NL.sh`) live in their repositories, which the citing text names."""
+    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=root,
+                             capture_output=True, text=True, check=True).stdout.split()     # what a commit of the tree holds
+    names = {Path(f).name for f in tracked}
+    missing = []
+    for f in tracked:
+        if Path(f).suffix not in (".md", ".ipynb", ".py", ".ini", ".yml", ".sh", ".txt") and Path(f).name not in ("Makefile",):
+            continue
+        for written, where in named_documents(Path(f), (root/f).read_text()):
+            ok = where.name in names if where == Path(written) and DOCUMENT_NAME.fullmatch(written) else (root/where).exists()
+            if not ok: missing.append(f"{f}: names {written}, which the repository does not hold")
+    assert not missing, "\n".join(sorted(set(missing)))

@@ -14,7 +14,7 @@ from stmn.base import BadImageError, DatasetLayoutError
 from stmn.evaluation import evaluate, evaluate_reference
 from stmn.mars import read_mars
 from stmn.miniature import write_mini_mars
-from stmn.recipes import resolve_params, validate_params
+from stmn.recipes import RunConfig
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 DISK = settings(FAST, max_examples=15)                      # each example copies and reads a dataset
@@ -100,6 +100,6 @@ KEYS = ("M", "N", "L", "P", "K", "alpha", "lr", "epochs", "lr_step", "height", "
 @given(st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=4))
 def test_bad_parameters_are_named(change):
     p = dict(dataset="synth", model="stmn", alpha=.3, seed=0)
-    try: validate_params(resolve_params({**p, **change}), 48)
+    try: RunConfig(**{**p, **change}).validate(n_train_ids=48)
     except ValueError as e:
         assert any(str(e).startswith(f"{k}=") for k in change) or "expected" in str(e), str(e)   # names the parameter

@@ -63,7 +63,7 @@ def test_a_bad_partition_shows_sbatchs_message_and_submits_nothing(slurm, tmp_pa
 
 
 def test_executor_slurm_without_slurm_suggests_local(tmp_path, monkeypatch):
-    from stmn.sweep import run_slurm
+    from stmn.executors import run_slurm
     monkeypatch.setenv("PATH", str(tmp_path))                       # no sbatch on it
     with pytest.raises(RuntimeError, match="executor='local'"):
         run_slurm([{"name": "x"}], tmp_path, ROOT / "nbs/train.ipynb")
@@ -73,7 +73,8 @@ def test_wait_false_submits_returns_and_reports(slurm, tmp_path):
     "`wait=False` returns with the job ids; a second call submits nothing still queued or done; the status table follows."
     from test_sweep import fake_notebook
     from stmn.slurm import slurm_resources
-    from stmn.sweep import plan, run_slurm, sweep_status
+    from stmn.sweep import plan
+    from stmn.executors import run_slurm, sweep_status
     nb, out = fake_notebook(tmp_path / "fake.ipynb"), tmp_path / "out"
     runs = plan("table3", "smoke", 1)[:2]
     resources = slurm_resources("smoke", cpus_per_task=1, time_min=5)
@@ -128,7 +129,7 @@ def campaign(slurm, tmp_path_factory):
     two sleepers of which `cancelled` is `scancel`led while running. Returns when nothing is queued any more."""
     from stmn.base import read_events
     from stmn.slurm import slurm_resources
-    from stmn.sweep import run_slurm, sweep_status
+    from stmn.executors import run_slurm, sweep_status
     out, nb = tmp_path_factory.mktemp("campaign"), ROOT / "nbs/train.ipynb"
     cpu1 = dict(cpus_per_task=1, mem_gb=2)
     timed = [train_run("timed")]
@@ -231,7 +232,7 @@ def test_scontrol_requeue_restarts_a_task_from_its_checkpoint(campaign):
 
 
 def test_scancel_fails_one_task_the_others_finish_and_a_rerun_submits_only_it(campaign):
-    from stmn.sweep import run_slurm, sweep_status
+    from stmn.executors import run_slurm, sweep_status
     st = campaign["sweep_status"].set_index("name")
     assert st.status["finishes"] == "done" and st.status["cancelled"] == "failed", st
     again = run_slurm(campaign["sleepers"], wait=False, **campaign["sweep_args"])

@@ -9,7 +9,9 @@ import nbformat
 import numpy as np
 import pandas as pd
 import pytest
-from stmn.sweep import collect, configs, plan, run_local, run_params, status, sweep, table, write_tables
+from stmn.executors import run_local, sweep
+from stmn.sweep import configs, plan, run_params, status
+from stmn.tables import collect, table, write_tables
 
 pytestmark = pytest.mark.slow                     # `make test-fast` leaves this module out
 
@@ -84,7 +86,7 @@ def test_aggregation_matches_metrics_written_by_hand(tmp_path):
 
 def test_killed_sweep_resumes_to_the_same_tables(tmp_path, root):
     nb = fake_notebook(tmp_path/"fake.ipynb")
-    code = (f"from stmn.sweep import sweep; sweep('table3', 'smoke', 1, {str(tmp_path/'{out}')!r}, notebook={str(nb)!r}, workers=1)")
+    code = (f"from stmn.executors import sweep; sweep('table3', 'smoke', 1, {str(tmp_path/'{out}')!r}, notebook={str(nb)!r}, workers=1)")
     whole = subprocess.run([sys.executable, "-c", code.replace("{out}", "whole")], cwd=root, timeout=300)
     assert whole.returncode == 0
     proc = subprocess.Popen([sys.executable, "-c", code.replace("{out}", "cut")], cwd=root, start_new_session=True)
@@ -101,7 +103,7 @@ def test_submitit_local_executor_runs_two_runs(tmp_path):
     pytest.importorskip("submitit")
     nb = fake_notebook(tmp_path/"fake.ipynb")
     runs = [r for r in plan("table3", "smoke", 1)][:2]
-    from stmn.sweep import run_slurm
+    from stmn.executors import run_slurm
     assert run_slurm(runs, tmp_path/"out", nb, cluster="local", slurm=dict(timeout_min=10)) == ["done", "done"]
     assert all(status(tmp_path/"out/runs"/r["name"]) == "done" for r in runs)
 
@@ -113,3 +115,14 @@ def test_smoke_preset_of_one_grid_trains_for_real(tmp_path, root, data_home):
     for r in plan("table3", "smoke", 1):
         m = json.loads((tmp_path/"sweep/runs"/r["name"]/"metrics.json").read_text())
         assert m["split"] == "supplement half 0, trial 0" and m["params"]["L"] == r["L"]
+
+
+def test_grid_rows_keep_their_labels_when_reordered_and_defaults_are_the_models(monkeypatch):
+    import stmn.sweep
+    from stmn.model import STMNConfig
+    before = {c["row"]: c for c in configs("ablation")}
+    assert not before["+ spatial memory"]["temporal_memory"] and before["+ spatial memory"]["spatial_memory"]
+    monkeypatch.setitem(stmn.sweep.GRIDS, "ablation", stmn.sweep.GRIDS["ablation"][::-1])
+    assert {c["row"]: c for c in configs("ablation")} == before                   # each row's label travels with its change
+    model_defaults = STMNConfig(num_classes=1)
+    assert {k: getattr(model_defaults, k) for k in stmn.sweep.CONFIG_KEYS} == {k: stmn.sweep.PAPER_DEFAULTS[k] for k in stmn.sweep.CONFIG_KEYS}
