@@ -424,7 +424,7 @@ def markdown(R: dict) -> str:
     if sp.get("train_step"):
         out += ["", "## Training step", "", f"{sp['gflop_per_trained_frame']:.1f} GFLOP per trained frame (forward and backward, counted).", "",
                 "| variant | frames/s | s/step | peak GB | MFU |", "|---|---|---|---|---|"]
-        for k, v in sp.train_step.items():
+        for k, v in sp["train_step"].items():
             mfu = "–" if v["mfu"] is None else f"{100 * v['mfu']:.1f} %"
             out.append(f"| {k} | {v['frames_per_s']:.0f} | {v['step_s']:.3f} | {v['peak_gb']:.2f} | {mfu} |")
     return "\n".join(out) + "\n"

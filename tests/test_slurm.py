@@ -151,14 +151,21 @@ def campaign(slurm, tmp_path_factory):
     # land before training starts or after it ends. Once `timed` trains at its steady pace (its first checkpoint is
     # written) and no signal has stopped it yet, the test sends the same SIGUSR2 itself: the signal -> checkpoint ->
     # requeue path is taken every time, whatever SLURM's timing.
+    # Both interventions are watched in one loop: `requeued` trains for about half a minute, and waiting for `timed`
+    # first had let it finish before its requeue was sent.
     training = lambda: [e["event"] for e in read_events(runs / "timed")][-1:] == ["train"]
     steady = lambda: training() and (runs / "timed/checkpoint.pt").exists()
-    wait_until(lambda: steady() or read_events(runs / "timed", "interrupted"), 240, "`timed` to train")
-    if not read_events(runs / "timed", "interrupted"):
-        subprocess.run(["scancel", "--signal=USR2", job(runs / "timed")], check=True)
-    wait_until(lambda: (runs / "requeued/checkpoint.pt").exists(), 240, "the first checkpoint of `requeued`")
-    requeue_at = time.time()
-    subprocess.run(["scontrol", "requeue", job(runs / "requeued")], check=True)
+    signalled, requeue_at, t0 = False, None, time.time()
+    while not (signalled and requeue_at):
+        if time.time() - t0 > 420: raise TimeoutError("waited 420 s for `timed` to train and `requeued` to checkpoint")
+        if not signalled and (steady() or read_events(runs / "timed", "interrupted")):
+            if not read_events(runs / "timed", "interrupted"):
+                subprocess.run(["scancel", "--signal=USR2", job(runs / "timed")], check=True)
+            signalled = True
+        if requeue_at is None and (runs / "requeued/checkpoint.pt").exists():
+            requeue_at = time.time()
+            subprocess.run(["scontrol", "requeue", job(runs / "requeued")], check=True)
+        time.sleep(0.5)
     wait_until(lambda: read_events(out / "sweep/runs/cancelled", "job_start"), 120, "`cancelled` to start")
     subprocess.run(["scancel", job(out / "sweep/runs/cancelled")], check=True)
     active = ("pending", "running", "requeued")
