@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stmn-installed
 OUT    ?= runs/train
 
-.PHONY: setup kernel browser slurm train test test-fast outputs docs compare evaluate figures bench bench-record gpu-check gpu-record gpu-wheels export clean-nbs readme
+.PHONY: setup kernel browser slurm train test test-fast outputs docs compare evaluate figures memory-study bench bench-record gpu-check gpu-record gpu-wheels export clean-nbs readme
 
 setup: $(STAMP) kernel
 
@@ -110,6 +110,12 @@ evaluate: setup
 figures: setup
 	mkdir -p runs
 	$(BIN)/papermill nbs/figures.ipynb runs/figures.ipynb --log-output --no-progress-bar
+
+# The pre-registered memory study (bench/memory_study/PLAN.md): pretrains the synthetic trunk, trains every run (a rerun
+# skips finished ones), writes bench/memory_study/results.json and memory_study.png, prints each hypothesis's verdict.
+memory-study: setup
+	mkdir -p runs
+	$(BIN)/papermill nbs/memory_study.ipynb runs/memory_study.ipynb --log-output --no-progress-bar
 
 # Speed and memory: training step vs plain ResNet-50, data pipeline, extraction, evaluation, checkpoints -> runs/benchmark.md, runs/benchmark.json (AUTHORS_REPO=path adds the authors' step).
 BENCH_TABLE ?= runs/benchmark.md

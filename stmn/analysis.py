@@ -10,11 +10,13 @@ import torch
 import matplotlib.pyplot as plt
 from PIL import Image
 from .sampling import TestClips
-from .evaluation import map_clips
+from .evaluation import map_clips, evaluate_features
+from .synth import PIXEL_LABELS, SHARED_DISTRACTORS, read_truth
 
 # %% auto #0
-__all__ = ['QUERY_RULES', 'frame_maps', 'cell_shares', 'attention_on_clean', 'addressing_on_distractors', 'item_usage',
-           'first_match_rank', 'choose_queries', 'top_patches', 'draw_item_patches', 'draw_attention']
+__all__ = ['ITEM_USAGE_FLOOR', 'QUERY_RULES', 'frame_maps', 'cell_shares', 'attention_on_clean', 'addressing_on_distractors',
+           'item_usage', 'label_map', 'pooled_retrieval', 'mechanism_report', 'format_mechanism', 'first_match_rank',
+           'choose_queries', 'top_patches', 'draw_item_patches', 'draw_attention']
 
 # %% ../nbs/10_analysis.ipynb #51b2e934
 def frame_maps(model, tracklets, L: int, height: int, width: int, batch_size: int = 32, device="cpu") -> dict:
@@ -56,6 +58,53 @@ def addressing_on_distractors(p, share) -> np.ndarray:
 def item_usage(p) -> np.ndarray:
     "Fraction `[M]` of locations whose most-addressed item is m, from p `[J, M]`."
     p = np.asarray(p); return np.bincount(p.argmax(1), minlength=p.shape[1]) / len(p)
+
+# %% ../nbs/10_analysis.ipynb #54b03a07
+ITEM_USAGE_FLOOR = .01           # items most-addressed at fewer locations than this are left out of max_item_excess
+
+def label_map(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    "A frame's ground-truth label map resized (nearest) to the network's input `[height, width]`."
+    return np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST))
+
+def pooled_retrieval(maps: dict, tracks: list, dataset, key: str) -> dict:
+    "Rank-1 and mAP of `maps[key]` `[T, L, D]` averaged over each clip's frames, as descriptors of `tracks`."
+    r = evaluate_features(dict(zip(tracks, maps[key].mean(1))), dataset)
+    return dict(rank1=r["rank1"], mAP=r["mAP"])
+
+# %% ../nbs/10_analysis.ipynb #b0ed8dcc
+def mechanism_report(model, dataset, L: int, height: int, width: int, device="cpu") -> dict:
+    "The memories at work on `dataset`'s query and gallery: read-out |w|, removed share, f^o vs f^s; with synthetic truth, (a) and (b)."
+    tracks = list(dataset.query) + list(dataset.gallery)
+    maps = frame_maps(model, tracks, L, height, width, device=device)
+    f_o, f_s = maps["f_o"], maps["f_s"]                                        # [T, L, D]
+    removed = ((f_o - f_s).norm(dim=-1) / f_o.norm(dim=-1).clamp_min(1e-12)).mean()
+    report = dict(model.readout_weight(), removed_share=float(removed), attention_max=float(maps["attn"].max(1).values.mean()),
+                  f_o=pooled_retrieval(maps, tracks, dataset, "f_o"), f_s=pooled_retrieval(maps, tracks, dataset, "f_s"))
+    if not (Path(dataset.root)/"synth_truth.json").is_file(): return report    # a real dataset: no ground truth
+    kinds, masks = read_truth(dataset.root)
+    names = [[Path(f).name for f in clip] for clip in maps["frames"]]
+    mixed = attention_on_clean(maps["attn"].numpy(), [[kinds[n] == "clean" for n in clip] for clip in names])["mixed"]
+    report["attention"] = dict(mixed, excess=mixed["attention_on_clean"] - mixed["clean_frames"])
+    if maps["p_s"] is None: return report
+    M, (h, w) = maps["p_s"].shape[-1], maps["p_s"].shape[2:4]
+    codes = [PIXEL_LABELS.index(k) for k in SHARED_DISTRACTORS]
+    share = np.stack([cell_shares(label_map(masks[n], height, width), h, w, codes) for clip in names for n in clip]).reshape(-1)
+    p = maps["p_s"].reshape(-1, M).numpy()                                     # [T·L·h·w, M], the same order as share
+    on, usage = addressing_on_distractors(p, share), item_usage(p)
+    report["distractor_addressing"] = dict(area_share=float(share.mean()), per_item=on.tolist(), usage=usage.tolist(),
+                                           max_item_excess=float((on[usage >= ITEM_USAGE_FLOOR] - share.mean()).max()))
+    return report
+
+def format_mechanism(report: dict) -> str:
+    "One line of `mechanism_report`: read-out |w|, removed share, f^o vs f^s rank-1, and the excesses over chance where measured."
+    parts = [f"read-out |w| mean {report.get('readout_w_mean', 0):.4f} (max {report.get('readout_w_max', 0):.3f})",
+             f"removed {100 * report['removed_share']:.1f} % of f^o",
+             f"rank-1 f^o {100 * report['f_o']['rank1']:.1f} % / f^s {100 * report['f_s']['rank1']:.1f} %"]
+    if report.get("attention", {}).get("clips"):                   # clips mixing clean and occluded/badly cropped frames
+        parts.append(f"attention on clean frames {report['attention']['excess']:+.3f} over their share")
+    if "distractor_addressing" in report:
+        parts.append(f"distractor addressing {report['distractor_addressing']['max_item_excess']:+.3f} over area (top item)")
+    return "memories: " + "; ".join(parts)
 
 # %% ../nbs/10_analysis.ipynb #d23946b2
 QUERY_RULES = ("random", "disagree")

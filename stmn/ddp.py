@@ -45,7 +45,7 @@ def main(params_file: str) -> dict | None:
     if rank != 0: dist.barrier()                                  # rank 0 first: it may generate the synthetic data
     ds = load_dataset(cfg.dataset, cfg.data_root or None, cfg.protocol or None, split=cfg.split, trial=cfg.trial,
                       verify=cfg.verify, bad_images=cfg.bad_images,
-                      **({"seed": cfg.synth_seed} if cfg.dataset == "synth" else {}))
+                      **cfg.dataset_options())
     if rank == 0: dist.barrier()
     model = build_model(cfg, len({t.pid for t in ds.train}))
     learner = Learner(model, ds.train, cfg, cfg.out_dir, device, identity=identity)

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from .base import atomic_write, log_event
 from .sampling import PKSampler, TrainClips
 from .losses import stmn_loss
+from .model import memory_readouts
 from .ste_nvan import STENVAN, ste_nvan_loss
 from fastcore.basics import patch
 from .recipes import RunConfig, speed_settings
@@ -20,8 +21,8 @@ from .checkpoints import (CHECKPOINT, checkpoint_state, write_checkpoint, read_c
 
 # %% auto #0
 __all__ = ['MEMORY_PREFIXES', 'LR_DECAY', 'ERASE_P', 'LOADER_PREFETCH', 'STOP_SIGNALS', 'FINITE_CHECK_EVERY',
-           'PROGRESS_REFRESH_S', 'param_groups', 'Learner', 'EpochBatches', 'Interrupted', 'StopSignals',
-           'worker_signals', 'plot_history']
+           'PROGRESS_REFRESH_S', 'READOUT_PREFIXES', 'param_groups', 'Learner', 'EpochBatches', 'Interrupted',
+           'StopSignals', 'worker_signals', 'plot_history']
 
 # %% ../nbs/08b_learner.ipynb #bf5f4948
 MEMORY_PREFIXES = ("spatial_memory.", "temporal_memory.")
@@ -251,14 +252,14 @@ def interrupt(self: Learner, stop: StopSignals, saved: bool):
 # %% ../nbs/08b_learner.ipynb #6794cdf4
 @patch
 def train_step(self: Learner, clips: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    "One step on clips `[B, L, 3, H, W]`: forward and loss at the run's precision, backward, Adam; no host sync."
+    "One step on clips `[B, L, 3, H, W]`: forward and loss at the run's precision, backward, Adam; the loss parts and `memory_readouts`; no host sync."
     with torch.autocast(self.device.type, torch.bfloat16, enabled=self.speed["amp"] == "bf16"):
         out = self.fwd(clips.to(self.device, non_blocking=True))
         loss, parts = self.loss(out, labels.to(self.device, non_blocking=True))
     self.opt.zero_grad(set_to_none=True)
     loss.backward()
     self.opt.step()
-    return loss.detach(), parts
+    return loss.detach(), {**parts, **memory_readouts(out)}
 
 # %% ../nbs/08b_learner.ipynb #07f371f5
 FINITE_CHECK_EVERY = 50          # steps between finiteness checks: one host sync each, none per step
@@ -289,11 +290,12 @@ def train_epoch(self: Learner, stop: StopSignals, bar):
 
 @patch
 def end_epoch(self: Learner, t0: float, bar):
-    "Check the epoch's losses, record its mean losses and lr in `history`, step the schedule, checkpoint."
+    "Check the epoch's losses, record its mean losses, memory read-outs and lr in `history`, step the schedule, checkpoint."
     steps = len(self.sampler)
     self.check_finite()
+    readout = {} if isinstance(self.model, STENVAN) else self.model.readout_weight()     # the read-out BN's |w| after the epoch
     self.history.append(dict(epoch=self.epoch + 1, lr=self.opt.param_groups[0]["lr"], seconds=time.time() - t0,
-                             **{k: float(v) / steps for k, v in self.sums.items()}))
+                             **{k: float(v) / steps for k, v in self.sums.items()}, **readout))
     bar.set_postfix(loss=f"{self.history[-1]['loss']:.3f}")
     self.sched.step()
     self.epoch += 1
@@ -322,17 +324,28 @@ def fit(self: Learner, epochs: int, resume: str = "auto", progress: bool = True)
     return self.history
 
 # %% ../nbs/08b_learner.ipynb #4e6411ef
+READOUT_PREFIXES = ("mem_", "readout_")     # history keys that are the memories' read-outs, not losses
+
 def plot_history(history: list, path=None):
-    "Loss components per epoch; saved to `path` (atomically) when given. Returns the figure."
+    "Loss components per epoch and, beside them, the memories' read-outs; saved to `path` (atomically) when given. The figure."
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for k in [k for k in history[0] if k not in ("epoch", "lr", "seconds")]:
-        ax.plot([h["epoch"] for h in history], [h[k] for h in history], label=k, lw=2.5 if k == "loss" else 1)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
+    keys = [k for k in history[0] if k not in ("epoch", "lr", "seconds")]
+    readouts = [k for k in keys if k.startswith(READOUT_PREFIXES)]
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2 if readouts else 1, figsize=(10 if readouts else 6, 3.5), squeeze=False)
+    ax = axes[0, 0]
+    for k in [k for k in keys if k not in readouts]:
+        ax.plot(epochs, [h[k] for h in history], label=k, lw=2.5 if k == "loss" else 1)
+    ax.set(xlabel="epoch", ylabel="loss", yscale="log")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=.3)
+    if readouts:                                 # an epoch recorded before read-outs existed (an old checkpoint) is a gap
+        ax = axes[0, 1]
+        for k in readouts: ax.plot(epochs, [h.get(k, float("nan")) for h in history], label=k)
+        ax.set(xlabel="epoch", ylabel="read-out", title="the memories at work (off: |w| 0, removed 0, max a = 1/L)")
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=.3)
     fig.tight_layout()
     if path is not None: atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     return fig

@@ -12,8 +12,9 @@ from .encoder import STMNEncoder
 from .memory import SpatialMemory, TemporalMemory, KEY_NORMS
 
 # %% auto #0
-__all__ = ['MODELS', 'STMNConfig', 'bnneck', 'classifier', 'STMN', 'register', 'stmn_resnet50', 'stmn_resnet18',
-           'baseline_resnet50', 'baseline_resnet18', 'create_model', 'authors_name', 'load_authors_state_dict']
+__all__ = ['NORM_EPS', 'MODELS', 'STMNConfig', 'bnneck', 'classifier', 'STMN', 'memory_readouts', 'register', 'stmn_resnet50',
+           'stmn_resnet18', 'baseline_resnet50', 'baseline_resnet18', 'create_model', 'authors_name',
+           'load_authors_state_dict']
 
 # %% ../nbs/06_model.ipynb #1beed981
 @dataclass
@@ -104,6 +105,23 @@ def forward(self: STMN, x: torch.Tensor):
 def feature_stride(self: STMN) -> int:
     "Input pixels per feature-map location (the encoder's stride): maps are `[h, w]` = `[H / stride, W / stride]`."
     return self.encoder.stride
+
+# %% ../nbs/06_model.ipynb #248c1bd1
+NORM_EPS = 1e-12                 # keeps a zero feature from dividing by zero
+
+def memory_readouts(out: dict) -> dict:
+    "`mem_removed` (mean ‖f^o − f^s‖/‖f^o‖ over frames) and `mem_attn_max` (mean max_i a_i over clips) of a training output; 0-d tensors, no host sync."
+    if not isinstance(out, dict) or "f_o" not in out: return {}              # a model without the memories' features
+    f_o, f_s = out["f_o"].detach().float(), out["f_s"].detach().float()     # [B, L, D]
+    removed = ((f_o - f_s).norm(dim=-1) / f_o.norm(dim=-1).clamp_min(NORM_EPS)).mean()
+    return dict(mem_removed=removed, mem_attn_max=out["attn"].detach().float().max(1).values.mean())
+
+@patch
+def readout_weight(self: STMN) -> dict:
+    "|w| of the spatial read-out's BN: `readout_w_mean`, `readout_w_max` (0 at initialisation); empty without a spatial memory."
+    if self.spatial_memory is None: return {}
+    w = self.spatial_memory.readout_bn.weight.detach().abs()
+    return dict(readout_w_mean=float(w.mean()), readout_w_max=float(w.max()))
 
 # %% ../nbs/06_model.ipynb #98ccf9e3
 MODELS = {}

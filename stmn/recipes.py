@@ -10,6 +10,7 @@ import torch
 from fastcore.basics import patch
 from .base import VERIFY_MODES, dataset_entry
 from .data import PROTOCOLS
+from .synth import distractor_options
 from .sampling import SAMPLING_MODES
 from .model import STMN, STMNConfig
 from .ste_nvan import STENVAN, STENVANConfig, STE_NVAN_RECIPE
@@ -77,6 +78,7 @@ class RunConfig:
     dataset: str = "synth"           # "synth" (embedded, generated on first use), "mars", "dukev", "lsvid", "ilidsvid", "prid2011"
     data_root: str = ""              # "" → $STMN_DATA or ~/.cache/stmn/synth-<hash> for synth; the dataset's folder otherwise
     synth_seed: int = 0              # seed of the synthetic dataset itself (training randomness is `seed`)
+    synth_distractors: str = "default"   # synth only: distractor dose, a name in stmn.synth.DISTRACTOR_DOSES ("none", "default", "strong")
     protocol: str = ""               # gallery protocol; "" → the dataset's default (mars: "paper"; also "matlab", "torchreid")
     split: int = None                # None → official train/test; 0 or 1 → supplement validation half; ilidsvid/prid2011: 0–9
     trial: int = 0                   # supplement validation: seed of the random identity halves (its 5 trials: 0–4)
@@ -180,8 +182,16 @@ def validate_data(self: RunConfig, n_train_ids: int | None = None):
     need(_is_count(self.trial), "trial", "an integer >= 0")
     need(self.verify in VERIFY_MODES, "verify", f"one of {VERIFY_MODES}")
     need(self.bad_images in ("error", "skip"), "bad_images", "'error' or 'skip'")
+    need(self.dataset == "synth" or self.synth_distractors == "default", "synth_distractors", "'default' (a dose is for dataset 'synth')")
+    if self.dataset == "synth": distractor_options(self.synth_distractors)          # raises naming the parameter
     if n_train_ids is not None and self.P > n_train_ids:
         raise ValueError(f"P={self.P}: more identities per batch than the dataset's {n_train_ids} training identities")
+
+@patch
+def dataset_options(self: RunConfig) -> dict:
+    "What `load_dataset` takes beyond root, protocol and split: for `synth`, the generator's seed and distractor dose."
+    if self.dataset != "synth": return {}
+    return dict(seed=self.synth_seed, **distractor_options(self.synth_distractors))
 
 # %% ../nbs/08_recipes.ipynb #c753dd0d
 def resolve_amp(amp: str | None, device) -> str:

@@ -14,8 +14,9 @@ from .base import DatasetLayoutError, VideoDataset, register_dataset
 from .mars import MARS_PROTOCOLS, read_mars
 
 # %% auto #0
-__all__ = ['PIXEL_LABELS', 'SHARED_DISTRACTORS', 'SynthConfig', 'make_scene', 'render_scene', 'make_palette', 'make_person',
-           'draw_person', 'render_frame', 'make_synthetic_mars', 'read_truth', 'read_synth']
+__all__ = ['DISTRACTOR_DOSES', 'PIXEL_LABELS', 'SHARED_DISTRACTORS', 'SynthConfig', 'distractor_options', 'make_scene',
+           'render_scene', 'make_palette', 'make_person', 'draw_person', 'render_frame', 'make_synthetic_mars',
+           'read_truth', 'read_synth']
 
 # %% ../nbs/01_synth.ipynb #ff6ae349
 @dataclass(frozen=True)
@@ -48,6 +49,18 @@ class SynthConfig:
         if self.max_frames < self.min_frames: raise ValueError(f"SynthConfig.max_frames={self.max_frames} < min_frames={self.min_frames}")
         for k in ("bag_fraction", "occlusion_prob", "bad_crop_prob"):
             if not 0 <= getattr(self, k) <= 1: raise ValueError(f"SynthConfig.{k}={getattr(self, k)}: expected a probability in [0, 1]")
+
+# %% ../nbs/01_synth.ipynb #d6cdc882
+DISTRACTOR_DOSES = {   # name: changes to SynthConfig's distractor knobs; this project's choice (the memory study's levels)
+    "none": dict(background_strength=0., clutter_objects=0, foreground_objects=0, occlusion_prob=0., bad_crop_prob=0.),
+    "default": {},
+    "strong": dict(clutter_objects=6, foreground_objects=2, occlusion_prob=.4, bad_crop_prob=.15),
+}
+
+def distractor_options(dose: str) -> dict:
+    "The `SynthConfig` changes of distractor dose `dose` (a name in `DISTRACTOR_DOSES`)."
+    if dose not in DISTRACTOR_DOSES: raise ValueError(f"synth_distractors={dose!r}: expected one of {list(DISTRACTOR_DOSES)}")
+    return dict(DISTRACTOR_DOSES[dose])
 
 # %% ../nbs/01_synth.ipynb #7d99b5a5
 def make_scene(rng: np.random.Generator, cfg: SynthConfig) -> dict:
