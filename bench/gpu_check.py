@@ -313,25 +313,29 @@ def speed(c: Check, sec):
 # 3. the memory question at GPU budget
 
 def memory_question(c: Check, sec):
-    """STMN and the baseline on the default synthetic dataset with the CPU demo's recipe, seed 0, the same number of
-    steps (as many as fit in the budget's first half for STMN), paired: rank-1/mAP at the end, and the spatial read-out
-    BN's mean |weight| along the way (it starts at 0: the memory is "off" until it grows)."""
+    """The memory study's recipe (`stmn.memory_study.STUDY_RECIPE`, bench/memory_study/PLAN.md) at GPU budget: STMN and
+    the baseline from the study's pretrained trunk on the `strong` distractor dose, seed 0, the same number of steps (as
+    many as fit in the budget's first half for STMN), paired; rank-1/mAP, the spatial read-out BN's mean |w| along the
+    way (0 at the start: the memory is "off" until it grows), and STMN's mechanism report at the end."""
     import torch
     from stmn.data import load_dataset
     from stmn.learner import Learner
     from stmn.recipes import build_model
     from stmn.evaluation import evaluate_model
-    ds = load_dataset("synth") if not c.tiny else None
-    if c.tiny:
-        from stmn.synth import SynthConfig, make_synthetic_mars
-        from stmn.mars import read_mars
-        make_synthetic_mars(c.work/"mq", SynthConfig(n_train_ids=4, n_test_ids=2, n_distractor_tracklets=1, n_junk_tracklets=1, max_frames=10))
-        ds = read_mars(c.work/"mq")
+    from stmn.synth import distractor_options
+    from stmn.pretrain import pretrain_trunk
+    from stmn.memory_study import STUDY_PRESETS
+    from stmn.analysis import mechanism_report, format_mechanism
+    study = STUDY_PRESETS["smoke" if c.tiny else "study"]
+    trunk = pretrain_trunk(study.pretrain, root=c.work, log=lambda line: None)       # seconds on a GPU; the study's file
+    dose = "default" if c.tiny else "strong"
+    tiny = dict(n_train_ids=4, n_test_ids=2, n_distractor_tracklets=1, n_junk_tracklets=1, max_frames=10) if c.tiny else {}
+    ds = load_dataset("synth", c.work/f"mq-{dose}", seed=0, **distractor_options(dose), **tiny)
     n = len({t.pid for t in ds.train})
     each = max(5., (c.left() - 30) / 2.4) if not c.tiny else 2.
     out, steps_stmn = {}, None
     for model in ("stmn", "baseline"):
-        p = params(c, model=model, **(dict(backbone="resnet10", height=32, width=16, P=2, K=2, L=3) if c.tiny else {}))
+        p = params(c, model=model, pretrained=str(trunk), synth_distractors=dose, **study.recipe)
         l = Learner(build_model(p, n), ds.train, p, c.work/f"mq-{model}", c.device)
         bn = getattr(getattr(l.model, "spatial_memory", None), "readout_bn", None)
         curve, step, t, epoch = [], 0, time.time(), 0
@@ -344,12 +348,14 @@ def memory_question(c: Check, sec):
         seconds = time.time() - t; steps_stmn = steps_stmn or step
         r = evaluate_model(l.model, ds, p.L, p.height, p.width, "rrs", device=c.device)
         out[model] = dict(steps=step, seconds=seconds, rank1=r["rank1"], mAP=r["mAP"], readout_bn_abs_w=curve + ([(step, float(bn.weight.detach().abs().mean()))] if bn is not None else []))
+        if model == "stmn": out[model]["mechanism"] = mechanism_report(l.model, ds, p.L, p.height, p.width, c.device)
         print(f"           {model}: {step} steps in {seconds:.0f} s, rank-1 {100 * r['rank1']:.1f} %, mAP {100 * r['mAP']:.1f} %", flush=True)
     sec["numbers"].update(out)
     w = out["stmn"]["readout_bn_abs_w"][-1][1]
     check(sec, "paired runs", out["stmn"]["steps"] == out["baseline"]["steps"],
-          f"{out['stmn']['steps']} steps each; STMN {100 * out['stmn']['rank1']:.1f}/{100 * out['stmn']['mAP']:.1f}, baseline "
-          f"{100 * out['baseline']['rank1']:.1f}/{100 * out['baseline']['mAP']:.1f} (rank-1/mAP %); read-out BN mean |w| {w:.4f}")
+          f"{out['stmn']['steps']} steps each, dose {dose}, pretrained trunk; STMN {100 * out['stmn']['rank1']:.1f}/{100 * out['stmn']['mAP']:.1f}, "
+          f"baseline {100 * out['baseline']['rank1']:.1f}/{100 * out['baseline']['mAP']:.1f} (rank-1/mAP %); read-out BN mean |w| {w:.4f}; "
+          + format_mechanism(out["stmn"]["mechanism"]))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -399,7 +405,7 @@ SECTIONS = [  # name, title, budget on CUDA (s), function, CUDA only — in orde
     ("ddp", "torchrun: NCCL, SyncBatchNorm", 60, ddp, False),
     ("speed", "speed: steps, MFU, largest batch, loader, extraction, memory by tracklet length", 110, speed, False),
     ("notebooks", "the notebooks: train.ipynb, then figures.ipynb on its checkpoint", 150, notebooks, False),
-    ("memory", "the memory question at GPU budget: STMN and the baseline, paired", 200, memory_question, False),
+    ("memory", "the memory study's recipe at GPU budget: STMN and the baseline from the pretrained trunk, strong dose, paired", 200, memory_question, False),
 ]
 
 

@@ -46,3 +46,19 @@ def test_memory_study_smoke_preset_applies_the_plan(root, data_home, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.json")}
     run_study(root, tmp_path, out)
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.json")} == stamps
+
+
+def test_committed_results_follow_the_plan_and_the_readme_says_them(root):
+    "bench/memory_study/results.json: its verdicts are what the plan's rules give on its own rows, and the README states its outcome."
+    from stmn.memory_study import verdicts, overall
+    res = json.loads((root/"bench/memory_study/results.json").read_text())
+    assert res["preset"] == "study" and res["plan"] == "bench/memory_study/PLAN.md"
+    runs = pd.DataFrame(res["runs"])
+    assert len(runs) == len(res["design"]["seeds"]) * (len(res["design"]["doses"]) * len(res["design"]["inits"]) * 2
+                                                      + len(res["design"]["departure_doses"]))
+    again = verdicts(runs, L=res["design"]["recipe"]["L"])
+    key = lambda v: (v["hypothesis"], v["arm"], v["statistic"])
+    assert {key(v): v["verdict"] for v in again} == {key(v): v["verdict"] for v in res["verdicts"]}
+    assert overall(again) == res["overall"]
+    readme = (root/"README.md").read_text()
+    assert "## Does the memory matter here?" in readme and f"**{res['overall']}**" in readme
