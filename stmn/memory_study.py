@@ -38,7 +38,7 @@ class StudyConfig:
 
 STUDY_PRESETS = {
     "study": StudyConfig(),
-    "smoke": StudyConfig(seeds=(0, 1), doses=("default",), departure_doses=(), recipe=dict(SMOKE_RECIPE),
+    "smoke": StudyConfig(seeds=(0, 1), doses=("default",), inits=("pretrained",), departure_doses=(), recipe=dict(SMOKE_RECIPE),
                          pretrain=PretrainConfig(height=32, width=16, corpus_ids=4, epochs=1, batch_size=64)),
 }
 

@@ -26,10 +26,10 @@ def test_memory_study_smoke_preset_applies_the_plan(root, data_home, tmp_path):
     run_study(root, tmp_path, out)
     res = json.loads((out/"results.json").read_text())
     runs = pd.DataFrame(res["runs"])
-    assert len(runs) == 8 and set(runs.arm) == {f"{m}-{i}-default" for m in ("stmn", "baseline") for i in ("scratch", "pretrained")}
+    assert len(runs) == 4 and set(runs.arm) == {"stmn-pretrained-default", "baseline-pretrained-default"}
     assert sorted(set(runs.seed)) == [0, 1]
-    assert {v["hypothesis"] for v in res["verdicts"]} >= {"H1 spatial on", "H1 temporal on", "H2 helps", "H4 pretraining switches on",
-                                                          "H5 spatial targets distractors", "H5 temporal favours clean frames"}
+    assert {v["hypothesis"] for v in res["verdicts"]} >= {"H1 spatial on", "H1 temporal on", "H2 helps", "H5 spatial targets distractors",
+                                                          "H5 temporal favours clean frames"}   # H3, H4 need two doses, two trunks
     assert overall(verdicts(runs, L=STUDY_PRESETS["smoke"].recipe["L"])) == res["overall"]     # the verdicts follow from the rows
     assert (runs[runs.model == "baseline"].removed_share == 0).all()                             # no memory: nothing removed
     assert (out/"memory_study.png").stat().st_size > 10_000
@@ -38,7 +38,6 @@ def test_memory_study_smoke_preset_applies_the_plan(root, data_home, tmp_path):
     sha = hashlib.sha256(trunk.read_bytes()).hexdigest()[:16]                 # run_identity keeps 16 hex digits
     for name in ("stmn-pretrained-default-s0", "baseline-pretrained-default-s1"):
         assert json.loads((out/"runs"/name/"metrics.json").read_text())["params"]["pretrained_sha256"] == sha
-    assert json.loads((out/"runs/stmn-scratch-default-s0/metrics.json").read_text())["params"]["pretrained"] is False
     text = json.dumps(res)
     assert str(tmp_path) not in text and str(data_home) not in text                           # no paths of this machine
     assert sorted(p.name for p in (root/"bench/memory_study").iterdir()) == before             # `-r results ''`: nothing committed touched
