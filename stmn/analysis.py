@@ -12,6 +12,7 @@ from PIL import Image
 from .sampling import TestClips
 from .evaluation import map_clips, evaluate_features
 from .synth import PIXEL_LABELS, SHARED_DISTRACTORS, read_truth
+from .model import memory_readouts
 
 # %% auto #0
 __all__ = ['ITEM_USAGE_FLOOR', 'QUERY_RULES', 'frame_maps', 'cell_shares', 'attention_on_clean', 'addressing_on_distractors',
@@ -76,9 +77,8 @@ def mechanism_report(model, dataset, L: int, height: int, width: int, device="cp
     "The memories at work on `dataset`'s query and gallery: read-out |w|, removed share, f^o vs f^s; with synthetic truth, (a) and (b)."
     tracks = list(dataset.query) + list(dataset.gallery)
     maps = frame_maps(model, tracks, L, height, width, device=device)
-    f_o, f_s = maps["f_o"], maps["f_s"]                                        # [T, L, D]
-    removed = ((f_o - f_s).norm(dim=-1) / f_o.norm(dim=-1).clamp_min(1e-12)).mean()
-    report = dict(model.readout_weight(), removed_share=float(removed), attention_max=float(maps["attn"].max(1).values.mean()),
+    read = memory_readouts(maps)                                               # the learner's per-step read-outs, on the test clips
+    report = dict(model.readout_weight(), removed_share=float(read["mem_removed"]), attention_max=float(read["mem_attn_max"]),
                   f_o=pooled_retrieval(maps, tracks, dataset, "f_o"), f_s=pooled_retrieval(maps, tracks, dataset, "f_s"))
     if not (Path(dataset.root)/"synth_truth.json").is_file(): return report    # a real dataset: no ground truth
     kinds, masks = read_truth(dataset.root)
