@@ -22,6 +22,20 @@ def data_home(tmp_path_factory):
     else: os.environ["STMN_DATA"] = old
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, data_home):
+    """The one trained run the session's tests share (nbs/train.ipynb, `TINY`, `TRAINED_EPOCHS`): trained once even
+    under `pytest -n`, by whichever worker asks first, under a file lock in the session's shared temporary folder.
+    Tests read it; a test that changes a run copies it first."""
+    from filelock import FileLock
+    from helpers import run_train, TRAINED_EPOCHS
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)/"trained-run"     # xdist: the session's root
+    with FileLock(f"{shared}.lock"):
+        if not (shared/"metrics.json").is_file(): run_train(ROOT, shared, epochs=TRAINED_EPOCHS)
+    return shared
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: browser, cluster, sweep and trained-notebook tests (`make test-fast` leaves them out)")
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))

@@ -6,7 +6,8 @@ tests/make_authors_fixture.py, run as a script from this folder, does the same, 
 `../tests` to its path to show the fill rule on the fixture.
 """
 from __future__ import annotations
-import zlib
+import json, zlib
+from pathlib import Path
 import numpy as np
 import torch
 
@@ -42,3 +43,15 @@ def seeded_tensor(name: str, shape) -> torch.Tensor:
     elif leaf.startswith(("bias", "running_mean")): x = .1 * rng.standard_normal(shape)
     else: x = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))    # conv / linear / LSTM weights
     return torch.from_numpy(x.astype(np.float32))
+
+
+def run_train(root, out_dir, **params) -> dict:
+    "Run nbs/train.ipynb with `TINY` and `params` into `out_dir` (its executed copy beside it); the run's metrics.json."
+    import papermill as pm
+    out = Path(out_dir).parent/f"{Path(out_dir).name}.ipynb"
+    pm.execute_notebook(str(Path(root)/"nbs/train.ipynb"), str(out), parameters=dict(TINY, out_dir=str(out_dir), **params),
+                        cwd=str(root), progress_bar=False)
+    return json.loads((Path(out_dir)/"metrics.json").read_text())
+
+
+TRAINED_EPOCHS = 2        # the shared run: enough to beat its initialisation (tests/test_e2e.py), a minute on one core

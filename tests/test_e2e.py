@@ -13,7 +13,8 @@ from stmn.evaluation import embed_dataset, evaluate, evaluate_features, feature_
 from stmn.learner import Learner
 from stmn.recipes import RunConfig, build_model
 from stmn.synth import SynthConfig, make_synthetic_mars
-from helpers import TINY, tiny
+import shutil
+from helpers import TINY, tiny, run_train, TRAINED_EPOCHS
 
 # The library test's run: 16 training identities in batches of P = 4 → 4 steps an epoch, 6 epochs → 24 Adam steps.
 # Fewer separate a trained model from its initialisation on these 22 queries less surely: measured (2-core CPU),
@@ -100,16 +101,10 @@ def test_library_end_to_end(tmp_path, library_data):
     assert r["mAP"] < 1 and r["rank1"] < 1, f"a perfect score from a tiny model: a leak? {numbers}"
 
 
-def run_train(root, out_dir, **params):
-    out = out_dir.parent/f"{out_dir.name}.ipynb"
-    pm.execute_notebook(str(root/"nbs/train.ipynb"), str(out), parameters=dict(TINY, out_dir=str(out_dir), **params),
-                        cwd=str(root), progress_bar=False)
-    return json.loads((out_dir/"metrics.json").read_text())
-
-
 @pytest.mark.slow
-def test_train_notebook_runs_and_evaluates(root, tmp_path, data_home):
-    straight = run_train(root, tmp_path/"straight", epochs=2)
+def test_train_notebook_runs_and_evaluates(root, tmp_path, data_home, trained_run):
+    shutil.copytree(trained_run, tmp_path/"straight")                     # the session's trained run, copied: changed below
+    straight = json.loads((tmp_path/"straight/metrics.json").read_text())
     for key in ("rank1", "rank5", "rank10", "rank20", "mAP", "params", "seed", "environment", "wall_seconds", "protocol", "sampling"):
         assert key in straight, key
     assert straight["params"]["M"] == 3 and straight["environment"]["torch"] == torch.__version__
@@ -118,19 +113,18 @@ def test_train_notebook_runs_and_evaluates(root, tmp_path, data_home):
     # resume="auto" continuing a run stopped by a signal, bit for bit, is tests/test_slurm.py's (the notebook, through
     # SLURM) and tests/test_faults.py's (the learner, killed at several points)
     # the same command again, scored another way: nothing trained, and the notebook and metrics.json say so
-    again = run_train(root, tmp_path/"straight", epochs=2, ap="interpolated")
+    again = run_train(root, tmp_path/"straight", epochs=TRAINED_EPOCHS, ap="interpolated")
     assert again["resumed"] == dict(checkpoint=str(tmp_path/"straight/checkpoint.pt"), epoch=2, step=0)
     assert again["history"] == straight["history"] and again["ap"] == "interpolated"
     assert "the run was already trained, so this re-evaluates the trained model" in (tmp_path/"straight.ipynb").read_text()
     # the same folder with another dataset of the same shape (a copy with one frame's bytes replaced): refused, each
     # difference listed
-    import shutil
     from stmn.data import default_data_root
     shutil.copytree(default_data_root("synth"), tmp_path/"other")
     first, second = (t.frames[0] for t in read_mars(tmp_path/"other").train[:2])
     Path(first).write_bytes(Path(second).read_bytes())
     with pytest.raises(pm.PapermillExecutionError) as e:
-        run_train(root, tmp_path/"straight", epochs=2, data_root=str(tmp_path/"other"))
+        run_train(root, tmp_path/"straight", epochs=TRAINED_EPOCHS, data_root=str(tmp_path/"other"))
     assert "data_root: '' in the checkpoint" in str(e.value) and "data_fingerprint:" in str(e.value)
     assert json.loads((tmp_path/"straight/metrics.json").read_text())["ap"] == "interpolated"      # its results untouched
     # the evaluate notebook on that checkpoint reproduces the training run's number and scores every variant
