@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stmn-installed
 OUT    ?= runs/train
 
-.PHONY: setup kernel browser slurm train test test-fast outputs docs compare evaluate figures memory-study bench bench-record gpu-check gpu-record gpu-wheels export clean-nbs readme
+.PHONY: setup kernel browser slurm train search test test-fast outputs docs compare evaluate figures memory-study bench bench-record gpu-check gpu-record gpu-wheels export clean-nbs readme
 
 setup: $(STAMP) kernel
 
@@ -60,7 +60,7 @@ test-fast: setup
 	$(BIN)/python tests/notebooks.py check --workers 2 --fast
 	$(PYTEST) -m "not slow"
 
-# Execute the component notebooks (00_*-10_*, index) in fresh kernels and store their outputs; commit them after.
+# Execute the component notebooks (00_*-12_*, index) in fresh kernels and store their outputs; commit them after.
 outputs: setup
 	$(BIN)/python tests/notebooks.py store --workers 2
 
@@ -108,6 +108,12 @@ compare: setup
 # The checkpoint of `make train` under every protocol, AP definition, test sampling and re-ranking; rank lists.
 evaluate: setup
 	$(BIN)/papermill nbs/evaluate.ipynb runs/evaluate.ipynb -p checkpoint $(OUT)/checkpoint.pt -p out_dir runs/evaluate --log-output --no-progress-bar
+
+# Search your own video (nbs/search.ipynb; python -m stmn.search --help): make train's checkpoint on the synthetic test
+# scene unless SEARCH names inputs, e.g. SEARCH="-p gallery cam2.mp4 -p gallery_tracks cam2.txt". Writes runs/search/.
+search: setup
+	mkdir -p runs
+	$(BIN)/papermill nbs/search.ipynb runs/search.ipynb -p checkpoint $(OUT)/checkpoint.pt $(SEARCH) --log-output --no-progress-bar
 
 # The supplement's Figs. 1-4 and the numbers behind them; trains what is missing on the synthetic dataset (about 15 minutes on 2 CPU cores).
 figures: setup

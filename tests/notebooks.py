@@ -89,7 +89,7 @@ def machine_dependent(nb, name: str, identity: dict[str, str] | None = None) -> 
 
 
 def stores_outputs(path: Path) -> bool:
-    "Whether the notebook at `path` is committed with its outputs (component notebooks `00_*`-`10_*` and `index`)."
+    "Whether the notebook at `path` is committed with its outputs (component notebooks `00_*`-`12_*` and `index`)."
     return bool(STORED.match(Path(path).name))
 
 
@@ -221,7 +221,7 @@ def stale_cells(stored_nb, fresh_nb, name: str) -> list[str]:
 
 # ---- a second instruction set ---------------------------------------------------------------------------------------
 DISPATCH_SENSITIVE = ("03_encoder", "04_memory", "05_losses", "06_model", "06a_ste_nvan", "07_evaluation", "07a_reranking",
-                      "08b_learner", "08d_speed", "10_analysis")     # their printed numbers come from PyTorch's CPU kernels
+                      "08b_learner", "08d_speed", "10_analysis", "12_search")     # their printed numbers come from PyTorch's CPU kernels
 
 
 def second_dispatch() -> dict[str, str]:
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     parser.add_argument("notebooks", nargs="*", help="notebooks (default: every notebook in nbs/; store: the component ones; "
                                                      "--dispatch second: the numeric ones)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--fast", action="store_true", help="only the notebooks that store outputs (00_*-10_*, index), "
+    parser.add_argument("--fast", action="store_true", help="only the notebooks that store outputs (00_*-12_*, index), "
                                                             f"less {', '.join(FAST_LEAVES_OUT)} (`make test-fast`)")
     parser.add_argument("--dispatch", choices=("native", "second"), default="native",
                         help="second: PyTorch's and oneDNN's CPU kernels held to another instruction set (see second_dispatch)")
