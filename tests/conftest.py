@@ -13,8 +13,11 @@ def root():
 
 @pytest.fixture(scope="session")
 def data_home(tmp_path_factory):
-    "A private $STMN_DATA for the session, so tests never touch the user's cache."
-    d = tmp_path_factory.mktemp("stmn_data")
+    """A private $STMN_DATA for the session, so tests never touch the user's cache; one for all of the session's pytest
+    workers, so the synthetic dataset is generated once (concurrent generation is safe: tests/test_faults.py)."""
+    base = tmp_path_factory.getbasetemp()
+    d = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)/"stmn_data"      # xdist: the session's root
+    d.mkdir(exist_ok=True)
     old = os.environ.get("STMN_DATA")
     os.environ["STMN_DATA"] = str(d)
     yield d

@@ -87,6 +87,35 @@ def test_the_page_shows_every_clip_in_chromium(searched, browser):
     page.close()
 
 
+@pytest.mark.slow
+def test_a_tracklet_queried_by_name_or_as_a_folder_of_its_crops(searched, scene, trained_run, tmp_path):
+    folder, _ = scene
+    base = dict(checkpoint=str(trained_run/"checkpoint.pt"), gallery=str(folder/"cam1.mp4"), gallery_tracks=str(folder/"cam1.txt"),
+                k=3, out_dir=str(searched))
+    one = run_search(SearchConfig(**base, query="cam1:3.1"))
+    assert [t.name for t in one.queries] == ["cam1:3.1"] and one.table["match"].iloc[0] == "cam1:3.2"   # its other half
+    with pytest.raises(KeyError, match="no such tracklet.*cam1:1"): run_search(SearchConfig(**base, query="cam1:99"))
+    crops = next(t for t in one.gallery if t.name == "cam1:3.1").frames
+    (tmp_path/"mine"/"walker").mkdir(parents=True)
+    for f in crops: (tmp_path/"mine"/"walker"/Path(f).name).write_bytes(Path(f).read_bytes())
+    mine = run_search(SearchConfig(**base, query=str(tmp_path/"mine")))
+    best = mine.table.iloc[0]
+    assert (best["query"], best["match"]) == ("mine:walker", "cam1:3.1") and best["distance"] < 1e-5    # the same crops: the same descriptor
+
+
+def test_a_state_dict_saved_by_the_authors_code_searches(scene, tmp_path):
+    "Their ResNet-50 STMN (the equivalence test's seeded weights, saved as their code saves them), at a small input size."
+    from helpers import seeded_tensor
+    meta = json.loads(str(np.load(Path(__file__).parent/"fixtures"/"authors_stmn.npz")["meta"]))
+    torch.save({"state_dict": {f"module.{n}": seeded_tensor(n, s) for n, s in zip(meta["names"], meta["shapes"])}}, tmp_path/"theirs.pth")
+    folder, _ = scene
+    base = dict(checkpoint=str(tmp_path/"theirs.pth"), gallery=str(folder/"cam1.mp4"), gallery_tracks=str(folder/"cam1.txt"),
+                sampling="rrs", k=2, out_dir=str(tmp_path/"out"))
+    with pytest.raises(CheckpointError, match="give height and width"): run_search(SearchConfig(**base))
+    res = run_search(SearchConfig(**base, height=64, width=32))
+    assert len(res.queries) == 7 and json.loads((tmp_path/"out/results.json").read_text())["clip"][1:] == [64, 32]
+
+
 # ---- bad input ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -157,6 +186,6 @@ def test_a_checkpoint_of_another_architecture_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="other.pt.*do not fit"): load_search_model(SearchConfig(checkpoint=str(tmp_path/"other.pt")))
     import torchvision
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path/"plain.pt")
-    with pytest.raises(CheckpointError, match="give height, width and L"): load_search_model(SearchConfig(checkpoint=str(tmp_path/"plain.pt")))
+    with pytest.raises(CheckpointError, match="give height and width"): load_search_model(SearchConfig(checkpoint=str(tmp_path/"plain.pt")))
     with pytest.raises(CheckpointError, match="neither this project's checkpoint nor the authors'"):
         load_search_model(SearchConfig(checkpoint=str(tmp_path/"plain.pt"), height=256, width=128, L=4))
