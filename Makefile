@@ -54,7 +54,7 @@ test: setup browser slurm
 	$(BIN)/python tests/notebooks.py check --workers 2 --dispatch second
 	$(PYTEST)
 
-# The edit loop (under 3 minutes): the component notebooks checked (less the two-process torchrun one), and the suite
+# The edit loop (about 3½ minutes on 2 cores): the component notebooks checked (less the two-process torchrun one), and the suite
 # without its slow tests (browser, cluster, sweeps, trained notebooks: `-m slow`).
 test-fast: setup
 	$(BIN)/python tests/notebooks.py check --workers 2 --fast
