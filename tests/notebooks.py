@@ -3,12 +3,15 @@
     python tests/notebooks.py store [NB ...]   # execute the component notebooks, write their outputs into them, nbdev_clean
     python tests/notebooks.py check [NB ...]   # execute every notebook; a component notebook's outputs must match what it stores
     python tests/notebooks.py check --dispatch second [NB ...]   # the same under another CPU instruction set (see below)
-    python tests/notebooks.py check --fast     # the component notebooks less the two-process one (`make test-fast`)
+    python tests/notebooks.py check --fast --in-process   # the component notebooks less the two-process one, each in a
+                                               # fork of a worker that imported PyTorch once (`make test-fast`)
     python tests/notebooks.py machine [NB ...] # only the static check: no stored output may name this machine
 
 Execution is Jupyter's own (nbclient, the kernel named in the notebook: what JupyterLab and papermill run); which cells
 run is nbdev's (`tst_flags` in settings.ini: `#| slow`, `#| gpu` and `#| eval: false` cells are skipped, as `nbdev_test`
 skips them), so `check` is `nbdev_test` that also compares outputs, and `make test` executes each notebook once.
+`--in-process` (the edit loop's) runs each notebook through IPython's shell as `nbdev_test` does, in a child forked from
+a worker that imported PyTorch, torchvision and stmn once: a kernel spends about 6 s on that before the first cell.
 
 What is compared: stdout, text/plain and text/markdown outputs after sanitising times, absolute paths, memory addresses
 and timestamps; images by presence; stderr (warnings) is stored but not compared, and progress bars are not stored.
@@ -20,7 +23,7 @@ fail naming the cell. `--dispatch second` runs the numeric notebooks (`DISPATCH_
 and oneDNN held to another instruction set (`second_dispatch`), so an output that only holds for one CPU fails here.
 """
 from __future__ import annotations
-import argparse, concurrent.futures, configparser, getpass, math, os, re, socket, subprocess, sys, tempfile, time
+import argparse, concurrent.futures, configparser, getpass, importlib, json, math, multiprocessing, os, re, socket, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import nbformat
@@ -127,6 +130,52 @@ def execute(path: Path, flags: set[str] | None = None, timeout: int = 900):
     return nb, error
 
 
+PRELOAD = ("torch", "torchvision", "matplotlib.pyplot", "pandas", "IPython", "execnb.shell", "stmn.learner", "stmn.evaluation",
+           "stmn.analysis")                 # what nearly every component notebook imports: about 6 s a kernel spends before cell 1
+
+
+KERNEL_PANDAS_COLUMNS = 20       # pandas' display.max_columns in a Jupyter kernel; outside one it is 0, "fit the terminal"
+
+
+def preload(threads: int = 0):
+    "A worker's initialiser for `--in-process`: the thread count, then `PRELOAD` imported once (no tensor op, so no thread pool yet)."
+    if threads: os.environ["OMP_NUM_THREADS"] = str(threads)
+    for name in PRELOAD: importlib.import_module(name)
+
+
+def execute_in_process(path: Path, flags: set[str] | None = None):
+    """`execute`, in a child forked from this (preloaded) process, through IPython's shell (execnb's `CaptureShell`, what
+    `nbdev_test` runs) instead of a Jupyter kernel: the same cells and outputs without a kernel's start and imports."""
+    path = Path(path); flags = skip_flags() if flags is None else flags
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                                           # the child: run, send the notebook back, exit
+        os.close(read)
+        try:
+            from execnb.shell import CaptureShell
+            import pandas
+            pandas.set_option("display.max_columns", KERNEL_PANDAS_COLUMNS)
+            os.chdir(path.parent)
+            nb, error, shell = nbformat.read(path, as_version=4), None, CaptureShell()
+            for index, cell in enumerate(nb.cells):
+                if cell.cell_type != "code": continue
+                cell.outputs, cell.execution_count = [], None
+                if skipped(cell, flags): continue
+                cell.outputs = [nbformat.from_dict(o) for o in shell.run(cell.source)]
+                if shell.exc is not None:
+                    error = f"{path.name}, cell {index} ({first_line(cell)}):\n{type(shell.exc).__name__}: {shell.exc}"; break
+            message = json.dumps(dict(nb=nb, error=error))
+        except BaseException as e: message = json.dumps(dict(nb=None, error=f"{path.name}: {type(e).__name__}: {e}"))
+        with os.fdopen(write, "w") as f: f.write(message)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f: message = f.read()
+    _, status = os.waitpid(pid, 0)
+    if not message: return None, f"{path.name}: the process executing it died (status {status})"
+    result = json.loads(message)
+    return (nbformat.from_dict(result["nb"]) if result["nb"] else None), result["error"]
+
+
 def first_line(cell) -> str:
     "The cell's first line of code, to name it in a message."
     lines = [l for l in cell.source.splitlines() if l.strip() and not l.startswith("#|")]
@@ -162,11 +211,10 @@ def comparable(outputs) -> list[tuple[str, str]]:
             if images: items.append(("image", images[0]))
             elif "text/markdown" in data: items.append(("text/markdown", sanitise(_text(data["text/markdown"]))))
             elif "text/plain" in data: items.append(("text/plain", sanitise(_text(data["text/plain"]))))
-    merged = []                                                            # a kernel may split one print into several streams
-    for kind, text in items:
-        if merged and kind == "stdout" and merged[-1][0] == "stdout": merged[-1] = ("stdout", merged[-1][1] + text)
-        else: merged.append((kind, text))
-    return merged
+    # A cell's stdout as one text, first: a kernel may split one print into several streams, and where a print falls
+    # between two displays depends on the executor (a kernel's message order, IPython's shell capturing), not on the code.
+    stdout = "".join(text for kind, text in items if kind == "stdout")
+    return ([("stdout", stdout)] if stdout else []) + [(kind, text) for kind, text in items if kind != "stdout"]
 
 
 def _text(t) -> str: return "".join(t) if isinstance(t, list) else t
@@ -254,12 +302,12 @@ def is_progress_bar(output) -> bool:
     return output.get("output_type") == "stream" and output.get("name") == "stderr" and bool(PROGRESS_BAR.search(_text(output["text"])))
 
 
-def run_one(path: str, mode: str, threads: int = 0, env: dict | None = None) -> tuple[str, list[str], float, bool]:
+def run_one(path: str, mode: str, threads: int = 0, env: dict | None = None, in_process: bool = False) -> tuple[str, list[str], float, bool]:
     "Execute one notebook; `store`: write its outputs, `check`: compare them. Returns (name, problems, seconds, crashed)."
     path, start = Path(path), time.time()
     if threads: os.environ["OMP_NUM_THREADS"] = str(threads)              # the kernel inherits it: no oversubscription
     os.environ.update(env or {})
-    fresh, error = execute(path)
+    fresh, error = execute_in_process(path) if in_process else execute(path)
     if error: return path.name, [error], time.time() - start, True
     problems = []
     if stores_outputs(path):
@@ -277,6 +325,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--fast", action="store_true", help="only the notebooks that store outputs (00_*-12_*, index), "
                                                             f"less {', '.join(FAST_LEAVES_OUT)} (`make test-fast`)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="check only: run each notebook in a fork of a worker that imported PyTorch and stmn once, through "
+                             "IPython's shell instead of a Jupyter kernel (`make test-fast`; `make test` uses kernels)")
     parser.add_argument("--dispatch", choices=("native", "second"), default="native",
                         help="second: PyTorch's and oneDNN's CPU kernels held to another instruction set (see second_dispatch)")
     args = parser.parse_args(argv)
@@ -287,6 +338,8 @@ def main(argv=None) -> int:
     if args.fast: paths = [p for p in paths if p.stem not in FAST_LEAVES_OUT]
     for p in paths:
         if not p.exists(): parser.error(f"no notebook {p}")
+    if args.in_process and (args.mode != "check" or args.dispatch != "native"):
+        parser.error("--in-process checks under the native dispatch only (the dispatch must be set before PyTorch is imported)")
     env = second_dispatch() if args.dispatch == "second" else {}
     if env: print("dispatch: " + " ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     if args.mode in ("check", "machine"):                                  # static: before anything runs
@@ -299,8 +352,9 @@ def main(argv=None) -> int:
     from stmn.recipes import allocated_cpus                             # the affinity mask, capped by SLURM_CPUS_PER_TASK
     threads = max(1, allocated_cpus() // args.workers) if args.workers > 1 else 0
     problems, stale, start = [], False, time.time()
-    with concurrent.futures.ProcessPoolExecutor(args.workers) as pool:  # a worker runs notebook after notebook: imports once
-        jobs = [pool.submit(run_one, str(p), args.mode, threads, env) for p in paths]
+    warm = dict(initializer=preload, initargs=(threads,)) if args.in_process else {}
+    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("fork"), **warm) as pool:
+        jobs = [pool.submit(run_one, str(p), args.mode, threads, env, args.in_process) for p in paths]
         for job in concurrent.futures.as_completed(jobs):
             name, found, seconds, crashed = job.result()
             print(f"{'FAIL' if found else 'ok  '} {name:<24} {seconds:5.0f} s", flush=True)

@@ -136,11 +136,22 @@ def test_the_second_dispatch_is_another_instruction_set():
     assert second != torch.backends.cpu.get_cpu_capability() and second in ("AVX2", "DEFAULT"), second
 
 
-def test_an_edited_cell_fails_the_check(tmp_path):
-    "The fast version of the test above, on a one-cell notebook: code edited, output not re-stored, the check names the cell."
+@pytest.mark.parametrize("executor", [[], ["--in-process"]], ids=["kernel", "in-process"])
+def test_an_edited_cell_fails_the_check(tmp_path, executor):
+    """The fast version of the test above, on a one-cell notebook: code edited, output not re-stored, the check names the
+    cell; in a Jupyter kernel (`make test`) and in a fork of a preloaded worker (`make test-fast`)."""
     path = stored_notebook(tmp_path / "98_edit.ipynb", "4.5")
     nb = nbformat.read(path, as_version=4); nb.cells[0].source = "print(1.5 * 4)"; nbformat.write(nb, str(path))
-    run = subprocess.run([sys.executable, str(ROOT / "tests/notebooks.py"), "check", str(path), "--workers", "1"],
+    run = subprocess.run([sys.executable, str(ROOT / "tests/notebooks.py"), "check", str(path), "--workers", "1", *executor],
                          capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 1, run.stdout + run.stderr
     assert "98_edit.ipynb, cell 0 ('print(1.5 * 4)'): stdout differs, line 1: stored '4.5', now '6.0'" in run.stderr
+
+
+def test_a_failing_cell_is_named_in_process(tmp_path):
+    "`--in-process`: a cell that raises stops the notebook, and the check names the cell and the error."
+    path = stored_notebook(tmp_path / "98_raise.ipynb", "4.5")
+    nb = nbformat.read(path, as_version=4); nb.cells[0].source = "raise ValueError('no such thing')"; nbformat.write(nb, str(path))
+    run = subprocess.run([sys.executable, str(ROOT / "tests/notebooks.py"), "check", str(path), "--workers", "1", "--in-process"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 1 and "98_raise.ipynb, cell 0" in run.stderr and "ValueError: no such thing" in run.stderr, run.stderr
