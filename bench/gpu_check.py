@@ -337,17 +337,17 @@ def memory_question(c: Check, sec):
     for model in ("stmn", "baseline"):
         p = params(c, model=model, pretrained=str(trunk), synth_distractors=dose, **study.recipe)
         l = Learner(build_model(p, n), ds.train, p, c.work/f"mq-{model}", c.device)
-        bn = getattr(getattr(l.model, "spatial_memory", None), "readout_bn", None)
+        memory = bool(l.model.readout_weight())                          # STMN: the read-out BN's |w|; the baseline: none
         curve, step, t, epoch = [], 0, time.time(), 0
         while (steps_stmn is None and time.time() - t < each) or (steps_stmn is not None and step < steps_stmn):
             for xb, yb, _ in torch.utils.data.DataLoader(l.data, batch_sampler=l.sampler.batches(epoch), num_workers=0):
                 l.train_step(xb, yb); step += 1
-                if bn is not None and step % 200 == 0: curve.append((step, float(bn.weight.detach().abs().mean())))
+                if memory and step % 200 == 0: curve.append((step, l.model.readout_weight()["readout_w_mean"]))
                 if (steps_stmn is None and time.time() - t >= each) or (steps_stmn is not None and step >= steps_stmn): break
             epoch += 1
         seconds = time.time() - t; steps_stmn = steps_stmn or step
         r = evaluate_model(l.model, ds, p.L, p.height, p.width, "rrs", device=c.device)
-        out[model] = dict(steps=step, seconds=seconds, rank1=r["rank1"], mAP=r["mAP"], readout_bn_abs_w=curve + ([(step, float(bn.weight.detach().abs().mean()))] if bn is not None else []))
+        out[model] = dict(steps=step, seconds=seconds, rank1=r["rank1"], mAP=r["mAP"], readout_bn_abs_w=curve + ([(step, l.model.readout_weight()["readout_w_mean"])] if memory else []))
         if model == "stmn": out[model]["mechanism"] = mechanism_report(l.model, ds, p.L, p.height, p.width, c.device)
         print(f"           {model}: {step} steps in {seconds:.0f} s, rank-1 {100 * r['rank1']:.1f} %, mAP {100 * r['mAP']:.1f} %", flush=True)
     sec["numbers"].update(out)

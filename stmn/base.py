@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_base.ipynb #b386e8a6
 from __future__ import annotations
-import json, os, platform, shutil, tempfile
+import hashlib, json, os, platform, shutil, tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -14,8 +14,8 @@ import scipy.io
 # %% auto #0
 __all__ = ['MADE_BY', 'RUN_LOG', 'VERIFY_MODES', 'DATASET_REGISTRY', 'Tracklet', 'VideoDataset', 'shared_frames',
            'DatasetLayoutError', 'BadImageError', 'layout_error', 'load_mat', 'json_parameter', 'previous_path',
-           'atomic_write', 'save_json', 'replace_folder', 'log_event', 'read_events', 'check_matrix', 'cpu_name',
-           'cpu_vector_isa', 'DatasetEntry', 'register_dataset', 'dataset_entry', 'resolve_protocol']
+           'atomic_write', 'save_json', 'file_sha256', 'replace_folder', 'log_event', 'read_events', 'check_matrix',
+           'cpu_name', 'cpu_vector_isa', 'DatasetEntry', 'register_dataset', 'dataset_entry', 'resolve_protocol']
 
 # %% ../nbs/00_base.ipynb #88666ed5
 @dataclass(frozen=True)
@@ -142,6 +142,13 @@ def atomic_write(path, write, keep_previous: bool = False) -> Path:
 def save_json(obj, path) -> Path:
     "Write `obj` as indented JSON to `path`, atomically."
     return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=str).encode()))
+
+def file_sha256(path, block: int = 1 << 20) -> str:
+    "The SHA-256 of the file at `path`, read in blocks (a checkpoint's, a pretrained trunk's, a video's)."
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block): digest.update(chunk)
+    return digest.hexdigest()
 
 # %% ../nbs/00_base.ipynb #2f677af3
 MADE_BY = ".made-by-stmn"                # the marker in every folder `replace_folder` made: only those it may replace

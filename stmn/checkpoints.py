@@ -8,14 +8,14 @@ import hashlib, os, random
 from pathlib import Path
 import numpy as np
 import torch
-from .base import atomic_write, previous_path
+from .base import atomic_write, previous_path, file_sha256
 from dataclasses import asdict, replace
 from .recipes import RunConfig, build_model
 
 # %% auto #0
 __all__ = ['CHECKPOINT', 'RUN_KEYS', 'CheckpointError', 'rng_state', 'restore_rng', 'host_copy', 'run_record', 'checkpoint_state',
-           'write_checkpoint', 'read_checkpoint', 'file_sha256', 'dataset_fingerprint', 'run_identity', 'find_resume',
-           'check_params', 'load_model']
+           'write_checkpoint', 'read_checkpoint', 'dataset_fingerprint', 'run_identity', 'find_resume', 'check_params',
+           'load_model']
 
 # %% ../nbs/08a_checkpoints.ipynb #73f13f1b
 CHECKPOINT = "checkpoint.pt"          # in the run's out_dir; the one before it is checkpoint.prev.pt
@@ -73,13 +73,6 @@ def read_checkpoint(path, device="cpu") -> dict:
     except Exception as e: raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {e})") from None
 
 # %% ../nbs/08a_checkpoints.ipynb #7cd1fd3d
-def file_sha256(path, block: int = 1 << 20) -> str:
-    "The SHA-256 of the file at `path`, read in blocks."
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block): digest.update(chunk)
-    return digest.hexdigest()
-
 def dataset_fingerprint(ds) -> str:
     "A digest of `ds`'s training set: each tracklet's frame names (relative to the root), identity, camera, and first/last frame bytes."
     digest = hashlib.sha256()

@@ -253,17 +253,17 @@ def shared_parameters(own: dict, notebook, exclude=()) -> dict:
 
 FIELD_LINE = re.compile(r"^(\w+): (\w+) = (.+?)\s+# (.*)$")     # `name: type = default  # help`, as papermill reads it
 
-def parameters_cell() -> str:
-    "`RunConfig`'s field lines (section comments included), dedented: the source of `train.ipynb`'s parameters cell."
-    import stmn.recipes                                      # the exported class: its source file is the module
-    body = inspect.getsource(stmn.recipes.RunConfig).split("\n")[3:]                 # past decorator, class line, docstring
-    lines = [line[4:] for line in body[:body.index("")]]                              # up to the blank line before methods
-    return "\n".join(lines)
+def parameters_cell(config: type | None = None) -> str:
+    "The field lines (section comments included), dedented, of exported dataclass `config` (default `RunConfig`): a job notebook's parameters cell."
+    import stmn.recipes                                      # an exported class: its source file is the module
+    body = inspect.getsource(config or stmn.recipes.RunConfig).split("\n")[3:]       # past decorator, class line, docstring
+    end = next(i for i, line in enumerate(body) if not line.strip() or line.startswith("    def "))   # up to the methods
+    return "\n".join(line[4:] for line in body[:end])
 
 # %% ../nbs/08_recipes.ipynb #0854cd0e
-def field_help() -> dict[str, tuple[str, str, str]]:
-    "Each `RunConfig` field's (type, default, help) as written in its line."
-    return {m[1]: (m[2], m[3], m[4]) for line in parameters_cell().split("\n") if (m := FIELD_LINE.match(line))}
+def field_help(config: type | None = None) -> dict[str, tuple[str, str, str]]:
+    "Each field's (type, default, help) as written in its line, of exported dataclass `config` (default `RunConfig`)."
+    return {m[1]: (m[2], m[3], m[4]) for line in parameters_cell(config).split("\n") if (m := FIELD_LINE.match(line))}
 
 def parameter_disagreements(declared: dict) -> list[str]:
     "Every disagreement of a parameters cell (as `papermill.inspect_notebook` reads it) with `RunConfig`'s fields."

@@ -11,12 +11,17 @@ def root():
     return ROOT
 
 
+def session_folder(tmp_path_factory, name: str) -> Path:
+    "`name` in the folder all of this session's pytest workers share (under `pytest -n`, the root above each worker's own)."
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)/name
+
+
 @pytest.fixture(scope="session")
 def data_home(tmp_path_factory):
     """A private $STMN_DATA for the session, so tests never touch the user's cache; one for all of the session's pytest
     workers, so the synthetic dataset is generated once (concurrent generation is safe: tests/test_faults.py)."""
-    base = tmp_path_factory.getbasetemp()
-    d = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)/"stmn_data"      # xdist: the session's root
+    d = session_folder(tmp_path_factory, "stmn_data")
     d.mkdir(exist_ok=True)
     old = os.environ.get("STMN_DATA")
     os.environ["STMN_DATA"] = str(d)
@@ -32,8 +37,7 @@ def trained_run(tmp_path_factory, data_home):
     Tests read it; a test that changes a run copies it first."""
     from filelock import FileLock
     from helpers import run_train, TRAINED_EPOCHS
-    base = tmp_path_factory.getbasetemp()
-    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)/"trained-run"     # xdist: the session's root
+    shared = session_folder(tmp_path_factory, "trained-run")
     with FileLock(f"{shared}.lock"):
         if not (shared/"metrics.json").is_file(): run_train(ROOT, shared, epochs=TRAINED_EPOCHS)
     return shared

@@ -187,10 +187,11 @@ def test_no_file_names_a_document_it_does_not_hold(root):
 
 def test_search_notebook_parameters_are_search_config_fields(root):
     "nbs/search.ipynb's parameters cell is SearchConfig's field lines, so papermill and `python -m stmn.search` take the same."
-    from stmn.search import parameters_cell, field_help
+    from stmn.recipes import parameters_cell, field_help
+    from stmn.search import SearchConfig
     import papermill as pm
     nb = json.loads((root/"nbs/search.ipynb").read_text())
     cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
-    assert len(cells) == 1 and "".join(cells[0]["source"]) == parameters_cell(), "copy stmn.search.parameters_cell() into the cell"
+    assert len(cells) == 1 and "".join(cells[0]["source"]) == parameters_cell(SearchConfig), "copy parameters_cell(SearchConfig) into the cell"
     declared = pm.inspect_notebook(str(root/"nbs/search.ipynb"))
-    assert {k: (v["inferred_type_name"], v["help"]) for k, v in declared.items()} == field_help()
+    assert {k: (v["inferred_type_name"], v["help"]) for k, v in declared.items()} == {k: (t, h) for k, (t, _, h) in field_help(SearchConfig).items()}
